@@ -1,0 +1,1 @@
+//! Device models: plain state machines driven through their registers.
