@@ -1,1 +1,571 @@
-//! placeholder
+//! tandem-kvm: the KVM processor.
+//!
+//! A VM with no in-kernel irqchip: Tandem's own PIT, PICs, IOAPIC and LAPIC
+//! are what the guest talks to, and events are injected with KVM_INTERRUPT
+//! and KVM_NMI when the injection ladder in core decides to. Port I/O, MMIO,
+//! HLT and the MSRs the machine owns (x2APIC, TSC deadline, APIC base) exit
+//! to userspace.
+
+mod cpuid;
+mod host;
+mod kick;
+mod state;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_EXIT_IO_IN, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+};
+use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use tandem_core::cpu::{
+    DebugRegs, Event, EventKind, FpuState, MpState, Msr, Regs, Sregs, VcpuEvents,
+};
+use tandem_core::memory::GuestMemory;
+use tandem_core::vcpu::{Kick, Readiness, Vcpu, VcpuError, VcpuExit, VcpuResult};
+use thiserror::Error;
+
+pub use host::{host_info, HostInfo, KvmFlavour};
+pub use kick::KvmKicker;
+
+/// Where KVM puts the real-mode TSS and identity map on VMX hosts, as QEMU
+/// does: just below the BIOS flash, inside the e820 reserved area.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+#[derive(Debug, Error)]
+pub enum KvmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("KVM API version {0} is not 12")]
+    ApiVersion(i32),
+    #[error("{op}: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("KVM lacks {0}")]
+    MissingCap(&'static str),
+}
+
+fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    move |e| KvmError::Ioctl {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+fn vcpu_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::host(op, e.errno())
+}
+
+/// MSRs whose guest accesses must reach the machine although KVM would
+/// handle them itself: the APIC base and the TSC deadline (Tandem's LAPIC
+/// owns them). x2APIC MSRs 0x800-0x8FF exit anyway because there is no
+/// in-kernel LAPIC (KVM_MSR_EXIT_REASON_INVAL); they are filtered too so a
+/// KVM that would accept them still forwards them.
+const FILTERED_MSRS: &[(u32, u32)] = &[(0x1b, 1), (0x6e0, 1), (0x800, 0x100)];
+
+/// Options for creating the VM.
+#[derive(Debug, Clone, Default)]
+pub struct KvmVmOptions {
+    /// Number of vCPUs the guest will see in CPUID.
+    pub vcpus: u32,
+}
+
+/// A KVM virtual machine over Tandem's guest memory.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    cpuid: kvm_bindings::CpuId,
+    flavour: KvmFlavour,
+    _mem: Arc<GuestMemory>,
+}
+
+impl std::fmt::Debug for KvmVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVm")
+            .field("flavour", &self.flavour)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KvmVm {
+    /// Creates the VM and maps `mem` as its memory slots.
+    pub fn new(mem: Arc<GuestMemory>, opts: &KvmVmOptions) -> Result<KvmVm, KvmError> {
+        let kvm =
+            Kvm::new().map_err(|e| KvmError::Open(std::io::Error::from_raw_os_error(e.errno())))?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(KvmError::ApiVersion(api));
+        }
+        let flavour = host::detect_flavour();
+        let vm = kvm.create_vm().map_err(ioctl_err("KVM_CREATE_VM"))?;
+
+        // Only VMX needs these; SVM and PVM accept or ignore them.
+        if let Err(e) = vm.set_tss_address(TSS_ADDRESS) {
+            if flavour == KvmFlavour::Vmx {
+                return Err(ioctl_err("KVM_SET_TSS_ADDR")(e));
+            }
+        }
+        let _ = vm.set_identity_map_address(IDENTITY_MAP_ADDRESS);
+
+        for (slot, r) in mem.regions().iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: mem.host_base() as u64 + r.offset,
+            };
+            // SAFETY: the host range [host_base + offset, + len) lies inside
+            // the anonymous mapping owned by `mem` (GuestMemory builds its
+            // regions inside the mapping), and `mem` is kept alive in
+            // `self._mem` for as long as the VM exists, so KVM never maps
+            // freed memory.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        if kvm.check_extension_raw(u64::from(KVM_CAP_X86_USER_SPACE_MSR)) <= 0 {
+            return Err(KvmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR"));
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(
+            KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN,
+        );
+        vm.enable_cap(&cap)
+            .map_err(ioctl_err("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
+        // A clear bit in a filter bitmap denies the access in the kernel and
+        // sends it to userspace.
+        let zeros = [0u8; 0x100 / 8];
+        let ranges: Vec<MsrFilterRange<'_>> = FILTERED_MSRS
+            .iter()
+            .map(|&(base, count)| MsrFilterRange {
+                flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+                base,
+                msr_count: count,
+                bitmap: &zeros,
+            })
+            .collect();
+        if let Err(e) = vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges) {
+            // PVM has no MSR filter; its x2APIC MSRs still exit as INVAL.
+            if flavour != KvmFlavour::Pvm {
+                return Err(ioctl_err("KVM_X86_SET_MSR_FILTER")(e));
+            }
+        }
+        if kvm.check_extension_raw(u64::from(KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0 {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            let _ = vm.enable_cap(&cap);
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = cpuid::platform_cpuid(&supported, opts.vcpus.max(1));
+        Ok(KvmVm {
+            kvm,
+            vm,
+            cpuid,
+            flavour,
+            _mem: mem,
+        })
+    }
+
+    pub fn flavour(&self) -> KvmFlavour {
+        self.flavour
+    }
+
+    /// The raw VM fd, for the in-kernel irqchip reference mode and tests.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Creates vCPU `id` with Tandem's CPUID.
+    pub fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, KvmError> {
+        let mut fd = self
+            .vm
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::for_vcpu(&self.cpuid, id);
+        fd.set_cpuid2(&cpuid).map_err(ioctl_err("KVM_SET_CPUID2"))?;
+        let kicker = KvmKicker::new(&mut fd);
+        Ok(KvmVcpu {
+            fd,
+            id,
+            kicker,
+            exit: PendingExit::None,
+            window: false,
+        })
+    }
+}
+
+/// What the last exit left to complete before the next KVM_RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingExit {
+    None,
+    Io { offset: usize, len: usize },
+    Mmio,
+    Msr,
+}
+
+/// One KVM vCPU behind Tandem's `Vcpu` interface.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    id: u32,
+    kicker: Arc<KvmKicker>,
+    exit: PendingExit,
+    window: bool,
+}
+
+impl std::fmt::Debug for KvmVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvmVcpu").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        self.kicker.detach();
+    }
+}
+
+impl KvmVcpu {
+    /// The raw vCPU fd (single-step, guest debug, tests).
+    pub fn fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    fn decode_exit(&mut self) -> VcpuExit {
+        let run = self.fd.get_kvm_run();
+        self.exit = PendingExit::None;
+        match run.exit_reason {
+            kvm_bindings::KVM_EXIT_IO => {
+                // SAFETY: exit_reason says the `io` member of the union is valid.
+                let io = unsafe { run.__bindgen_anon_1.io };
+                let len = usize::from(io.size) * io.count as usize;
+                self.exit = PendingExit::Io {
+                    offset: io.data_offset as usize,
+                    len,
+                };
+                if u32::from(io.direction) == KVM_EXIT_IO_IN {
+                    VcpuExit::IoIn {
+                        port: io.port,
+                        size: io.size,
+                        count: io.count,
+                    }
+                } else {
+                    VcpuExit::IoOut {
+                        port: io.port,
+                        size: io.size,
+                        count: io.count,
+                    }
+                }
+            }
+            kvm_bindings::KVM_EXIT_MMIO => {
+                // SAFETY: exit_reason says the `mmio` member is valid.
+                let mmio = unsafe { run.__bindgen_anon_1.mmio };
+                self.exit = PendingExit::Mmio;
+                let len = mmio.len.min(8) as u8;
+                if mmio.is_write != 0 {
+                    VcpuExit::MmioWrite {
+                        addr: mmio.phys_addr,
+                        len,
+                    }
+                } else {
+                    VcpuExit::MmioRead {
+                        addr: mmio.phys_addr,
+                        len,
+                    }
+                }
+            }
+            kvm_bindings::KVM_EXIT_X86_RDMSR => {
+                // SAFETY: exit_reason says the `msr` member is valid.
+                let msr = unsafe { run.__bindgen_anon_1.msr };
+                self.exit = PendingExit::Msr;
+                VcpuExit::RdMsr { index: msr.index }
+            }
+            kvm_bindings::KVM_EXIT_X86_WRMSR => {
+                // SAFETY: exit_reason says the `msr` member is valid.
+                let msr = unsafe { run.__bindgen_anon_1.msr };
+                self.exit = PendingExit::Msr;
+                VcpuExit::WrMsr {
+                    index: msr.index,
+                    value: msr.data,
+                }
+            }
+            kvm_bindings::KVM_EXIT_HLT => VcpuExit::Hlt,
+            kvm_bindings::KVM_EXIT_IRQ_WINDOW_OPEN => VcpuExit::InterruptWindow,
+            kvm_bindings::KVM_EXIT_SHUTDOWN => VcpuExit::Shutdown,
+            kvm_bindings::KVM_EXIT_INTR => VcpuExit::Kicked,
+            kvm_bindings::KVM_EXIT_DEBUG => {
+                // SAFETY: exit_reason says the `debug` member is valid.
+                let d = unsafe { run.__bindgen_anon_1.debug }.arch;
+                VcpuExit::Debug {
+                    exception: d.exception as u8,
+                    dr6: d.dr6,
+                    rip: d.pc,
+                }
+            }
+            kvm_bindings::KVM_EXIT_FAIL_ENTRY => {
+                // SAFETY: exit_reason says the `fail_entry` member is valid.
+                let f = unsafe { run.__bindgen_anon_1.fail_entry };
+                VcpuExit::FailEntry {
+                    reason: f.hardware_entry_failure_reason,
+                }
+            }
+            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => {
+                // SAFETY: exit_reason says the `internal` member is valid; the
+                // emulation_failure view shares its first fields.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+                    // SAFETY: as above; `flags` tells whether the bytes are there.
+                    let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+                    let mut insn = Vec::new();
+                    if ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                        != 0
+                    {
+                        // SAFETY: the flag says insn_size / insn_bytes are valid.
+                        let b = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+                        let n = usize::from(b.insn_size).min(b.insn_bytes.len());
+                        insn.extend_from_slice(&b.insn_bytes[..n]);
+                    }
+                    VcpuExit::EmulationFailure { insn }
+                } else {
+                    let n = (internal.ndata as usize).min(internal.data.len());
+                    VcpuExit::InternalError {
+                        suberror: internal.suberror,
+                        data: internal.data[..n].to_vec(),
+                    }
+                }
+            }
+            other => VcpuExit::Unhandled(format!("KVM exit reason {other}")),
+        }
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn backend(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn run(&mut self) -> VcpuResult<VcpuExit> {
+        let window = self.window;
+        let run = self.fd.get_kvm_run();
+        run.request_interrupt_window = u8::from(window);
+        // SAFETY: KVM_RUN on our own vCPU fd; the kvm_run page it writes is
+        // the mapping owned by `self.fd`.
+        self.kicker.enter_run();
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), kvm_run_ioctl(), 0) };
+        let errno = if ret < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        };
+        // A kick may have set immediate_exit; it has done its job now.
+        self.kicker.leave_run(&mut self.fd);
+        if ret < 0 {
+            self.exit = PendingExit::None;
+            return match errno {
+                libc::EINTR | libc::EAGAIN => Ok(VcpuExit::Kicked),
+                e => Err(VcpuError::host("KVM_RUN", e)),
+            };
+        }
+        Ok(self.decode_exit())
+    }
+
+    fn io_data(&mut self) -> &mut [u8] {
+        let PendingExit::Io { offset, len } = self.exit else {
+            return &mut [];
+        };
+        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM places the data at `data_offset` inside the kvm_run
+        // mapping (which spans the vCPU mmap size, larger than a page) and
+        // `len` = size * count bytes of it belong to this exit; the slice
+        // lives as long as `&mut self`, which owns the mapping.
+        unsafe { std::slice::from_raw_parts_mut(run.add(offset), len) }
+    }
+
+    fn mmio_data(&mut self) -> &mut [u8] {
+        if self.exit != PendingExit::Mmio {
+            return &mut [];
+        }
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the valid member.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(mmio.data.len());
+        &mut mmio.data[..len]
+    }
+
+    fn complete_rdmsr(&mut self, value: Option<u64>) {
+        if self.exit != PendingExit::Msr {
+            return;
+        }
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was an MSR exit, so `msr` is the valid member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        match value {
+            Some(v) => {
+                msr.data = v;
+                msr.error = 0;
+            }
+            None => msr.error = 1,
+        }
+    }
+
+    fn complete_wrmsr(&mut self, ok: bool) {
+        if self.exit != PendingExit::Msr {
+            return;
+        }
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was an MSR exit, so `msr` is the valid member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        msr.error = u8::from(!ok);
+    }
+
+    fn readiness(&mut self) -> VcpuResult<Readiness> {
+        let run = self.fd.get_kvm_run();
+        Ok(Readiness {
+            if_flag: run.if_flag != 0,
+            interrupt: run.ready_for_interrupt_injection != 0 && run.if_flag != 0,
+            // KVM queues NMIs itself and opens its own NMI window.
+            nmi: true,
+        })
+    }
+
+    fn inject(&mut self, event: Event) -> VcpuResult<()> {
+        match event.kind {
+            EventKind::External => state::kvm_interrupt(&self.fd, event.vector),
+            EventKind::Nmi => self.fd.nmi().map_err(vcpu_err("KVM_NMI")),
+            _ => {
+                let mut ev = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?;
+                ev.exception.injected = 1;
+                ev.exception.nr = event.vector;
+                ev.exception.has_error_code = u8::from(event.error_code.is_some());
+                ev.exception.error_code = event.error_code.unwrap_or(0);
+                ev.flags = 0;
+                self.fd
+                    .set_vcpu_events(&ev)
+                    .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+            }
+        }
+    }
+
+    fn set_interrupt_window_exiting(&mut self, on: bool) {
+        self.window = on;
+    }
+
+    fn set_nmi_window_exiting(&mut self, _on: bool) {
+        // KVM opens NMI windows by itself for the NMIs it has queued.
+    }
+
+    fn idt_vectoring(&mut self) -> Option<Event> {
+        // KVM re-injects an interrupted delivery by itself.
+        None
+    }
+
+    fn get_regs(&mut self) -> VcpuResult<Regs> {
+        let r = self.fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?;
+        Ok(state::regs_from_kvm(&r))
+    }
+    fn set_regs(&mut self, regs: &Regs) -> VcpuResult<()> {
+        self.fd
+            .set_regs(&state::regs_to_kvm(regs))
+            .map_err(vcpu_err("KVM_SET_REGS"))
+    }
+    fn get_sregs(&mut self) -> VcpuResult<Sregs> {
+        let s = self.fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+        Ok(state::sregs_from_kvm(&s))
+    }
+    fn set_sregs(&mut self, sregs: &Sregs) -> VcpuResult<()> {
+        let mut s = self.fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
+        state::sregs_to_kvm(sregs, &mut s);
+        self.fd.set_sregs(&s).map_err(vcpu_err("KVM_SET_SREGS"))
+    }
+    fn get_debug_regs(&mut self) -> VcpuResult<DebugRegs> {
+        let d = self
+            .fd
+            .get_debug_regs()
+            .map_err(vcpu_err("KVM_GET_DEBUGREGS"))?;
+        Ok(DebugRegs {
+            db: d.db,
+            dr6: d.dr6,
+            dr7: d.dr7,
+        })
+    }
+    fn set_debug_regs(&mut self, dr: &DebugRegs) -> VcpuResult<()> {
+        let d = kvm_bindings::kvm_debugregs {
+            db: dr.db,
+            dr6: dr.dr6,
+            dr7: dr.dr7,
+            ..Default::default()
+        };
+        self.fd
+            .set_debug_regs(&d)
+            .map_err(vcpu_err("KVM_SET_DEBUGREGS"))
+    }
+    fn get_fpu(&mut self) -> VcpuResult<FpuState> {
+        state::get_fpu(&self.fd)
+    }
+    fn set_fpu(&mut self, fpu: &FpuState) -> VcpuResult<()> {
+        state::set_fpu(&self.fd, fpu)
+    }
+    fn get_msrs(&mut self, indices: &[u32]) -> VcpuResult<Vec<Msr>> {
+        state::get_msrs(&self.fd, indices)
+    }
+    fn set_msrs(&mut self, msrs: &[Msr]) -> VcpuResult<()> {
+        state::set_msrs(&self.fd, msrs)
+    }
+    fn get_events(&mut self) -> VcpuResult<VcpuEvents> {
+        let e = self
+            .fd
+            .get_vcpu_events()
+            .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(state::events_from_kvm(&e))
+    }
+    fn set_events(&mut self, events: &VcpuEvents) -> VcpuResult<()> {
+        let e = state::events_to_kvm(events);
+        self.fd
+            .set_vcpu_events(&e)
+            .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+    }
+    fn get_mp_state(&mut self) -> VcpuResult<MpState> {
+        // Without an in-kernel LAPIC, HLT and INIT / SIPI are handled in
+        // userspace; KVM's own mp_state stays RUNNABLE.
+        Ok(MpState::Runnable)
+    }
+    fn set_mp_state(&mut self, _state: MpState) -> VcpuResult<()> {
+        Ok(())
+    }
+
+    fn kicker(&self) -> Arc<dyn Kick> {
+        self.kicker.clone()
+    }
+}
+
+fn kvm_run_ioctl() -> libc::c_ulong {
+    // KVM_RUN = _IO(KVMIO, 0x80)
+    (0xAE << 8) | 0x80
+}

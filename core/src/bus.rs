@@ -191,13 +191,28 @@ mod tests {
     fn refuses_overlap() {
         let mut b = Bus::new(BusKind::Pio);
         b.insert(dev(), 0x40, 4).unwrap();
-        assert!(matches!(b.insert(dev(), 0x43, 1), Err(BusError::Overlap { .. })));
-        assert!(matches!(b.insert(dev(), 0x3c, 5), Err(BusError::Overlap { .. })));
-        assert!(matches!(b.insert(dev(), 0x30, 0x20), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            b.insert(dev(), 0x43, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            b.insert(dev(), 0x3c, 5),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            b.insert(dev(), 0x30, 0x20),
+            Err(BusError::Overlap { .. })
+        ));
         b.insert(dev(), 0x44, 1).unwrap();
         b.insert(dev(), 0x3c, 4).unwrap();
-        assert!(matches!(b.insert(dev(), u64::MAX, 2), Err(BusError::BadRange { .. })));
-        assert!(matches!(b.insert(dev(), 0x100, 0), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            b.insert(dev(), u64::MAX, 2),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            b.insert(dev(), 0x100, 0),
+            Err(BusError::BadRange { .. })
+        ));
     }
 
     #[test]

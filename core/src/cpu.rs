@@ -229,7 +229,12 @@ impl fmt::Debug for FpuState {
             .field("fcw", &u16::from_le_bytes([self.xsave[0], self.xsave[1]]))
             .field(
                 "mxcsr",
-                &u32::from_le_bytes([self.xsave[24], self.xsave[25], self.xsave[26], self.xsave[27]]),
+                &u32::from_le_bytes([
+                    self.xsave[24],
+                    self.xsave[25],
+                    self.xsave[26],
+                    self.xsave[27],
+                ]),
             )
             .field("xcr0", &self.xcr0)
             .finish()

@@ -122,3 +122,128 @@ pub fn inject_events(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource) -> VcpuResu
     vcpu.set_interrupt_window_exiting(d.interrupt_window);
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::EventKind;
+    use crate::testing::FakeVcpu;
+    use crate::vcpu::Readiness;
+    use std::sync::Mutex;
+
+    /// A controller with a queue of vectors and an NMI flag.
+    #[derive(Default)]
+    struct Src {
+        nmi: Mutex<bool>,
+        irqs: Mutex<Vec<u8>>,
+        acks: Mutex<u32>,
+    }
+    impl InterruptSource for Src {
+        fn nmi_pending(&self, _: u32) -> bool {
+            *self.nmi.lock().unwrap()
+        }
+        fn ack_nmi(&self, _: u32) {
+            *self.nmi.lock().unwrap() = false;
+        }
+        fn interrupt_pending(&self, _: u32) -> bool {
+            !self.irqs.lock().unwrap().is_empty()
+        }
+        fn ack_interrupt(&self, _: u32) -> Option<u8> {
+            *self.acks.lock().unwrap() += 1;
+            let mut q = self.irqs.lock().unwrap();
+            (!q.is_empty()).then(|| q.remove(0))
+        }
+    }
+
+    fn ready() -> Readiness {
+        Readiness {
+            if_flag: true,
+            interrupt: true,
+            nmi: true,
+        }
+    }
+
+    #[test]
+    fn injects_a_ready_interrupt_and_acknowledges_it_once() {
+        let src = Src::default();
+        src.irqs.lock().unwrap().push(0x20);
+        let mut v = FakeVcpu::new(0);
+        v.readiness = ready();
+        let d = inject_events(&mut v, &src).unwrap();
+        assert_eq!(d.injected, Some(Event::external(0x20)));
+        assert_eq!(v.injected, vec![Event::external(0x20)]);
+        assert_eq!(*src.acks.lock().unwrap(), 1);
+        assert!(!v.interrupt_window);
+    }
+
+    #[test]
+    fn opens_an_interrupt_window_without_acknowledging() {
+        let src = Src::default();
+        src.irqs.lock().unwrap().push(0x20);
+        let mut v = FakeVcpu::new(0);
+        v.readiness = Readiness {
+            if_flag: false,
+            interrupt: false,
+            nmi: true,
+        };
+        let d = inject_events(&mut v, &src).unwrap();
+        assert!(d.injected.is_none());
+        assert!(d.interrupt_window && v.interrupt_window);
+        assert_eq!(*src.acks.lock().unwrap(), 0, "INTA only on injection");
+    }
+
+    #[test]
+    fn nmi_goes_before_an_interrupt_which_then_waits_for_a_window() {
+        let src = Src::default();
+        *src.nmi.lock().unwrap() = true;
+        src.irqs.lock().unwrap().push(0x30);
+        let mut v = FakeVcpu::new(0);
+        v.readiness = ready();
+        let d = inject_events(&mut v, &src).unwrap();
+        assert_eq!(d.injected.map(|e| e.kind), Some(EventKind::Nmi));
+        assert!(v.interrupt_window);
+        assert!(!*src.nmi.lock().unwrap());
+        assert_eq!(*src.acks.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn blocked_nmi_opens_an_nmi_window_and_lets_the_interrupt_through() {
+        let src = Src::default();
+        *src.nmi.lock().unwrap() = true;
+        src.irqs.lock().unwrap().push(0x30);
+        let mut v = FakeVcpu::new(0);
+        v.readiness = Readiness {
+            if_flag: true,
+            interrupt: true,
+            nmi: false,
+        };
+        let d = inject_events(&mut v, &src).unwrap();
+        assert!(v.nmi_window);
+        assert_eq!(d.injected, Some(Event::external(0x30)));
+    }
+
+    #[test]
+    fn reinjection_comes_first_and_alone() {
+        let src = Src::default();
+        src.irqs.lock().unwrap().push(0x40);
+        let mut v = FakeVcpu::new(0);
+        v.readiness = ready();
+        v.vectoring = Some(Event::exception(14, Some(2)));
+        let d = inject_events(&mut v, &src).unwrap();
+        assert!(d.reinjection);
+        assert_eq!(v.injected, vec![Event::exception(14, Some(2))]);
+        assert!(v.interrupt_window, "the waiting interrupt needs a window");
+        assert_eq!(*src.acks.lock().unwrap(), 0);
+    }
+
+    #[test]
+    fn nothing_pending_closes_windows() {
+        let src = Src::default();
+        let mut v = FakeVcpu::new(0);
+        v.interrupt_window = true;
+        v.nmi_window = true;
+        let d = inject_events(&mut v, &src).unwrap();
+        assert!(d.injected.is_none());
+        assert!(!v.interrupt_window && !v.nmi_window);
+    }
+}

@@ -12,6 +12,9 @@ pub mod irq;
 pub mod ladder;
 pub mod machine;
 pub mod memory;
+pub mod paging;
+pub mod pc;
+pub mod testing;
 pub mod timer;
 pub mod vcpu;
 

@@ -25,6 +25,15 @@ pub trait MsrHandler: Send + Sync {
     fn wrmsr(&self, vcpu: u32, index: u32, value: u64) -> bool;
 }
 
+/// Memory-mapped registers that differ per vCPU (the LAPIC page): tried
+/// before the MMIO bus, with the accessing vCPU's index.
+pub trait LocalMmio: Send + Sync {
+    /// Returns false when `addr` is not this handler's.
+    fn read(&self, vcpu: u32, addr: u64, data: &mut [u8]) -> bool;
+    /// Returns false when `addr` is not this handler's.
+    fn write(&self, vcpu: u32, addr: u64, data: &[u8]) -> bool;
+}
+
 /// Where the guest was when the run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestContext {
@@ -112,6 +121,7 @@ pub struct Machine {
     pub isa_irqs: Arc<IsaIrqRouter>,
     pub interrupts: Arc<dyn InterruptSource>,
     pub msrs: Vec<Arc<dyn MsrHandler>>,
+    pub local_mmio: Option<Arc<dyn LocalMmio>>,
     pub timers: Arc<TimerSet>,
     pub doorbells: Vec<Arc<Doorbell>>,
 }
@@ -186,13 +196,25 @@ impl Machine {
                     stats.mmio += 1;
                     let data = vcpu.mmio_data();
                     let n = usize::from(len).min(data.len());
-                    self.mmio.write(addr, &data[..n]);
+                    let local = self
+                        .local_mmio
+                        .as_ref()
+                        .is_some_and(|l| l.write(id, addr, &data[..n]));
+                    if !local {
+                        self.mmio.write(addr, &data[..n]);
+                    }
                 }
                 VcpuExit::MmioRead { addr, len } => {
                     stats.mmio += 1;
                     let data = vcpu.mmio_data();
                     let n = usize::from(len).min(data.len());
-                    self.mmio.read(addr, &mut data[..n]);
+                    let local = self
+                        .local_mmio
+                        .as_ref()
+                        .is_some_and(|l| l.read(id, addr, &mut data[..n]));
+                    if !local {
+                        self.mmio.read(addr, &mut data[..n]);
+                    }
                 }
                 VcpuExit::RdMsr { index } => {
                     stats.msr += 1;
@@ -269,11 +291,11 @@ impl Machine {
                 return Ok(None);
             }
             let deadline = self.timers.next_deadline();
-            if !if_flag
-                && deadline.is_none()
-                && self.doorbells.len() <= 1
-                && !self.interrupts.can_wake_masked(id)
-            {
+            // With IF clear only an NMI, SMI or INIT ends a HLT (SDM vol. 3,
+            // 6.8.1 and the HLT instruction); timers raise maskable
+            // interrupts unless the controllers route them as NMIs, which
+            // `can_wake_masked` answers.
+            if !if_flag && !self.interrupts.can_wake_masked(id) {
                 return Ok(Some(RunOutcome::DeadHalt(context(vcpu))));
             }
             // A timer deadline is in guest-clock nanoseconds; with the host

@@ -133,10 +133,12 @@ impl GuestMemory {
 
     /// Copies guest memory at `gpa` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        let off = self.offset_of(gpa, buf.len() as u64).ok_or(MemoryError::OutOfRange {
-            gpa,
-            len: buf.len() as u64,
-        })?;
+        let off = self
+            .offset_of(gpa, buf.len() as u64)
+            .ok_or(MemoryError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })?;
         fence(Ordering::Acquire);
         // SAFETY: `offset_of` checked that `off..off+len` lies inside the
         // mapping, and `buf` is a distinct host buffer, so the copy stays in
@@ -147,10 +149,12 @@ impl GuestMemory {
 
     /// Copies `data` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let off = self.offset_of(gpa, data.len() as u64).ok_or(MemoryError::OutOfRange {
-            gpa,
-            len: data.len() as u64,
-        })?;
+        let off = self
+            .offset_of(gpa, data.len() as u64)
+            .ok_or(MemoryError::OutOfRange {
+                gpa,
+                len: data.len() as u64,
+            })?;
         // SAFETY: bounds checked by `offset_of`; `data` is a host buffer that
         // cannot overlap the anonymous guest mapping's checked range unless a
         // caller passed a slice of guest memory, which this API never hands out.

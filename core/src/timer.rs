@@ -101,9 +101,7 @@ impl TimerSet {
                     };
                     let g = set.generation.lock().unwrap_or_else(|p| p.into_inner());
                     let seen = *g;
-                    let _ = set
-                        .changed
-                        .wait_timeout_while(g, wait, |gen| *gen == seen);
+                    let _ = set.changed.wait_timeout_while(g, wait, |gen| *gen == seen);
                 }
             })
     }

@@ -1,0 +1,431 @@
+//! The `pc` machine: the devices of DESIGN.md at their QEMU `-M pc`
+//! addresses, wired together, and left in the state SeaBIOS leaves them in.
+//!
+//! Interrupt wiring: ISA IRQ n reaches 8259A input n and IOAPIC pin n
+//! (IRQ 0 reaches pin 2); the master 8259A's INT drives LINT0 of every LAPIC
+//! (virtual-wire mode through ExtINT); the IOAPIC sends messages to the
+//! LAPICs and receives their EOIs; the LAPICs are the injection ladder's
+//! interrupt source.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+use crate::bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
+use crate::clock::{HostClock, SharedClock, VirtualClock};
+use crate::control::MachineControl;
+use crate::devices::apic_router::ApicRouter;
+use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
+use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
+use crate::devices::i8042::{i8042_ports, I8042, KEYBOARD_IRQ};
+use crate::devices::ioapic::{IoApic, IoApicIrqSink, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
+use crate::devices::pic::{Pic, PicIrqSink};
+use crate::devices::pit::{LostTickPolicy, Pit, PitTimer};
+use crate::devices::serial::{Serial, COM1_BASE, COM1_IRQ, UART_PORTS};
+use crate::irq::IsaIrqRouter;
+use crate::machine::{LocalMmio, Machine, MsrHandler};
+use crate::memory::{GuestMemory, MemoryError};
+use crate::timer::TimerSet;
+use crate::vcpu::Doorbell;
+
+/// The guest TSC rate Tandem's LAPIC and the interpreter use (KVM's own
+/// TSC rate is the host's; the TSC-deadline timer converts with this).
+pub const DEFAULT_TSC_KHZ: u64 = 1_000_000;
+
+/// Which clock the devices run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockKind {
+    /// Host monotonic time: run fast.
+    #[default]
+    Host,
+    /// Time moved by the run loop only: reproducible runs.
+    Virtual,
+}
+
+pub struct PcConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    pub clock: ClockKind,
+    /// Where COM1's output goes.
+    pub serial_out: Box<dyn Write + Send>,
+}
+
+#[derive(Debug, Error)]
+pub enum PcError {
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("device map: {0}")]
+    Bus(#[from] BusError),
+    #[error("--smp must be between 1 and 255, got {0}")]
+    Vcpus(u32),
+}
+
+/// A built `pc` machine and handles to its devices.
+pub struct Pc {
+    pub machine: Arc<Machine>,
+    pub virtual_clock: Option<Arc<VirtualClock>>,
+    pub serial: Arc<Mutex<Serial>>,
+    pub pic: Arc<Mutex<Pic>>,
+    pub pit: Arc<Mutex<Pit>>,
+    pub ioapic: Arc<Mutex<IoApic>>,
+    pub router: Arc<ApicRouter>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_threads: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Pc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pc")
+            .field("machine", &self.machine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A device whose writes can move a timer deadline: after each write the
+/// timer watcher re-computes its sleep.
+struct Rearming {
+    inner: SharedDevice,
+    timers: Arc<TimerSet>,
+    name: &'static str,
+}
+
+impl BusDevice for Rearming {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(offset, data);
+        self.timers.rearm();
+    }
+    fn dump(&self) -> String {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dump()
+    }
+}
+
+fn rearming(inner: SharedDevice, timers: &Arc<TimerSet>) -> SharedDevice {
+    let name = inner.lock().map(|d| d.name()).unwrap_or("device");
+    Arc::new(Mutex::new(Rearming {
+        inner,
+        timers: timers.clone(),
+        name,
+    }))
+}
+
+/// The LAPIC page of each vCPU, and the APIC MSRs, with timer re-arming.
+struct ApicAccess {
+    router: Arc<ApicRouter>,
+    timers: Arc<TimerSet>,
+}
+
+impl LocalMmio for ApicAccess {
+    fn read(&self, vcpu: u32, addr: u64, data: &mut [u8]) -> bool {
+        match self.router.mmio_offset(vcpu, addr) {
+            Some(off) => {
+                self.router.mmio_read(vcpu, off, data);
+                true
+            }
+            None => false,
+        }
+    }
+    fn write(&self, vcpu: u32, addr: u64, data: &[u8]) -> bool {
+        match self.router.mmio_offset(vcpu, addr) {
+            Some(off) => {
+                self.router.mmio_write(vcpu, off, data);
+                self.timers.rearm();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl MsrHandler for ApicAccess {
+    fn rdmsr(&self, vcpu: u32, index: u32) -> Option<u64> {
+        self.router.rdmsr(vcpu, index)
+    }
+    fn wrmsr(&self, vcpu: u32, index: u32, value: u64) -> bool {
+        let ok = self.router.wrmsr(vcpu, index, value);
+        self.timers.rearm();
+        ok
+    }
+}
+
+fn start_unix_time() -> i64 {
+    // The RTC is given the date once, at construction; it never reads the
+    // host clock itself.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Pc {
+    pub fn new(cfg: PcConfig) -> Result<Pc, PcError> {
+        if cfg.vcpus == 0 || cfg.vcpus > 255 {
+            return Err(PcError::Vcpus(cfg.vcpus));
+        }
+        let mem = Arc::new(GuestMemory::new(cfg.mem_size)?);
+        let (clock, virtual_clock): (SharedClock, _) = match cfg.clock {
+            ClockKind::Host => (Arc::new(HostClock::new()), None),
+            ClockKind::Virtual => {
+                let v = Arc::new(VirtualClock::new());
+                (v.clone(), Some(v))
+            }
+        };
+        let control = Arc::new(MachineControl::new());
+        let isa = Arc::new(IsaIrqRouter::new());
+        let timers = Arc::new(TimerSet::new());
+        let bells: Vec<Arc<Doorbell>> = (0..cfg.vcpus).map(|_| Arc::new(Doorbell::new())).collect();
+        let mut pio = Bus::new(BusKind::Pio);
+        let mut mmio = Bus::new(BusKind::Mmio);
+
+        // Local APICs and the APIC bus.
+        let router = Arc::new(ApicRouter::with_vcpus(
+            cfg.vcpus,
+            clock.clone(),
+            DEFAULT_TSC_KHZ,
+            bells.clone(),
+        ));
+        for t in router.timers() {
+            timers.add(t);
+        }
+
+        // 8259A pair; INT drives LINT0.
+        let pic = Arc::new(Mutex::new(Pic::new(router.lint_line(0))));
+        for (dev, base, len) in crate::devices::pic::pc_port_devices(&pic) {
+            pio.insert(dev, base, len)?;
+        }
+        isa.connect(Arc::new(PicIrqSink(pic.clone())));
+
+        // 8254 PIT on IRQ 0, port 0x61.
+        let pit = Arc::new(Mutex::new(Pit::new(
+            clock.clone(),
+            isa.line(0),
+            LostTickPolicy::Discard,
+        )));
+        for (dev, base, len) in crate::devices::pit::pc_port_devices(&pit) {
+            pio.insert(rearming(dev, &timers), base, len)?;
+        }
+        timers.add(Arc::new(PitTimer(pit.clone())));
+
+        // The PIC's INTA; IRQ 0's acknowledgement feeds the PIT's lost-tick
+        // accounting (outside the PIC's lock: the PIT drives IRQ 0 under its
+        // own lock, which reaches the PIC).
+        {
+            let pic = pic.clone();
+            let pit = Arc::downgrade(&pit);
+            router.set_pic_ack(Arc::new(move || {
+                let inta = pic.lock().unwrap_or_else(|p| p.into_inner()).acknowledge();
+                if inta.irq == Some(0) {
+                    if let Some(pit) = pit.upgrade() {
+                        pit.lock().unwrap_or_else(|p| p.into_inner()).irq_acked();
+                    }
+                }
+                Some(inta.vector)
+            }));
+        }
+
+        // IOAPIC: messages to the LAPICs, EOIs back.
+        let ioapic = Arc::new(Mutex::new(IoApic::new(router.clone())));
+        mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_MMIO_SIZE)?;
+        isa.connect(Arc::new(IoApicIrqSink(ioapic.clone())));
+        {
+            let weak: Weak<Mutex<IoApic>> = Arc::downgrade(&ioapic);
+            router.set_eoi_sink(Arc::new(move |vector| {
+                if let Some(io) = weak.upgrade() {
+                    io.lock().unwrap_or_else(|p| p.into_inner()).eoi(vector);
+                }
+            }));
+        }
+
+        // COM1.
+        let serial = Arc::new(Mutex::new(Serial::new(
+            isa.line(COM1_IRQ),
+            cfg.serial_out,
+            clock.clone(),
+        )));
+        pio.insert(rearming(serial.clone(), &timers), COM1_BASE, UART_PORTS)?;
+        timers.add(serial.clone());
+
+        // CMOS / RTC.
+        let cmos = Arc::new(Mutex::new(Cmos::new(
+            isa.line(RTC_IRQ),
+            clock.clone(),
+            start_unix_time(),
+            cfg.mem_size,
+        )));
+        pio.insert(rearming(cmos.clone(), &timers), CMOS_BASE, CMOS_PORTS)?;
+        timers.add(cmos.clone());
+
+        // i8042 (reset line, keyboard probe answers).
+        let kbc = Arc::new(Mutex::new(I8042::new(
+            control.clone(),
+            Some(isa.line(KEYBOARD_IRQ)),
+        )));
+        for (base, dev) in i8042_ports(&kbc) {
+            pio.insert(dev, base, 1)?;
+        }
+
+        // isa-debug-exit and the POST port.
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(control.clone()))),
+            DEBUG_EXIT_PORT,
+            DEBUG_EXIT_PORTS,
+        )?;
+        pio.insert(Arc::new(Mutex::new(Port80::new())), POST_PORT, 1)?;
+
+        let apic_access = Arc::new(ApicAccess {
+            router: router.clone(),
+            timers: timers.clone(),
+        });
+        let machine = Arc::new(Machine {
+            mem,
+            pio,
+            mmio,
+            clock,
+            control,
+            isa_irqs: isa,
+            interrupts: router.clone(),
+            msrs: vec![apic_access.clone()],
+            local_mmio: Some(apic_access),
+            timers,
+            doorbells: bells,
+        });
+        let pc = Pc {
+            machine,
+            virtual_clock,
+            serial,
+            pic,
+            pit,
+            ioapic,
+            router,
+            cmos,
+            threads: Mutex::new(Vec::new()),
+            stop_threads: Arc::new(AtomicBool::new(false)),
+        };
+        pc.seabios_state();
+        Ok(pc)
+    }
+
+    /// Leaves the legacy devices as SeaBIOS leaves them on QEMU: PIC bases
+    /// 0x08 / 0x70, masks 0xB8 / 0x8E, PIT channel 0 at 18.2 Hz.
+    fn seabios_state(&self) {
+        use crate::devices::pic::PicChip;
+        let mut pic = self.pic.lock().unwrap_or_else(|p| p.into_inner());
+        for (chip, base, icw3, mask) in [
+            (PicChip::Master, 0x08, 0x04, 0xB8),
+            (PicChip::Slave, 0x70, 0x02, 0x8E),
+        ] {
+            pic.write_port(chip, 0, 0x11);
+            pic.write_port(chip, 1, base);
+            pic.write_port(chip, 1, icw3);
+            pic.write_port(chip, 1, 0x01);
+            pic.write_port(chip, 1, mask);
+        }
+        drop(pic);
+        self.pit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .program_bios_defaults();
+        self.machine.timers.rearm();
+    }
+
+    /// Starts the host threads a run needs: the timer watcher (kicks vCPUs
+    /// when a device deadline passes) and, when stdin is a pipe or terminal,
+    /// the COM1 input reader.
+    pub fn start_host_threads(&self) -> std::io::Result<()> {
+        let stop = self.stop_threads.clone();
+        let control = self.machine.control.clone();
+        let h = self.machine.timers.spawn_watcher(
+            self.machine.clock.clone(),
+            self.machine.doorbells.clone(),
+            Arc::new(move || stop.load(Ordering::SeqCst) || control.stop_requested()),
+        )?;
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(h);
+        let bells = self.machine.doorbells.clone();
+        let timers = self.machine.timers.clone();
+        crate::devices::serial::spawn_stdin_reader(
+            self.serial.clone(),
+            Arc::new(move || {
+                timers.rearm();
+                if let Some(b) = bells.first() {
+                    b.ring();
+                }
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// Stops and joins the timer watcher.
+    pub fn stop_host_threads(&self) {
+        self.stop_threads.store(true, Ordering::SeqCst);
+        self.machine.timers.rearm();
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// Every device's registers in readable form.
+    pub fn dump_devices(&self) -> String {
+        let mut out = String::new();
+        let mut section = |title: &str, body: String| {
+            out.push_str(&format!("== {title} ==\n{body}"));
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+        };
+        section(
+            "pic",
+            self.pic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+        );
+        section(
+            "pit",
+            self.pit.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+        );
+        section(
+            "ioapic",
+            self.ioapic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+        );
+        section("lapic", self.router.dump());
+        for (base, _len, dev) in self.machine.pio.devices() {
+            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(d.name(), "pic" | "elcr" | "pit" | "port61") || d.name().starts_with("pic")
+            {
+                continue;
+            }
+            let body = d.dump();
+            if !body.is_empty() {
+                section(&format!("{} @ {base:#x}", d.name()), body);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Pc {
+    fn drop(&mut self) {
+        self.stop_host_threads();
+    }
+}

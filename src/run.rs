@@ -1,0 +1,222 @@
+//! `tandem run` and `tandem info`.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tandem_core::cpu::VcpuState;
+use tandem_core::machine::{ExitStats, GuestContext, RunError, RunOutcome};
+use tandem_core::pc::{ClockKind, Pc, PcConfig};
+use tandem_core::vcpu::Vcpu;
+use tandem_core::StopRequest;
+use tandem_firmware::multiboot::{load_multiboot, multiboot_entry_state, Module};
+use tandem_kvm::{KvmFlavour, KvmVm, KvmVmOptions};
+
+use crate::size::parse_size;
+use crate::{Backend, Irqchip, RunArgs};
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let data =
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if data.is_empty() {
+        bail!("{what} {} is empty", path.display());
+    }
+    Ok(data)
+}
+
+/// kvm where /dev/kvm opens, else interp.
+fn default_backend() -> Backend {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Backend::Kvm,
+        Err(_) => Backend::Interp,
+    }
+}
+
+pub fn run(args: &RunArgs) -> Result<i32> {
+    if args.kernel.is_some() {
+        bail!("booting a Linux bzImage with --kernel is not built yet; give a multiboot ELF");
+    }
+    let Some(guest) = args.guest.as_ref() else {
+        bail!("no guest given: tandem run GUEST.elf");
+    };
+    let mem_size = parse_size(&args.mem).context("bad --mem")?;
+    if args.smp == 0 {
+        bail!("--smp must be at least 1");
+    }
+    if args.smp > 1 {
+        bail!(
+            "--smp {} is not supported yet: Tandem runs one vCPU for now",
+            args.smp
+        );
+    }
+    if args.irqchip == Irqchip::Kernel {
+        bail!("--irqchip kernel (KVM's in-kernel irqchip as a reference) is not built yet");
+    }
+    if args.trace.is_some() {
+        bail!("--trace is not built yet");
+    }
+    let image = read_file(guest, "guest")?;
+    let initrd = match &args.initrd {
+        Some(p) => Some(read_file(p, "initrd")?),
+        None => None,
+    };
+    let backend = args.backend.unwrap_or_else(default_backend);
+
+    let pc = Pc::new(PcConfig {
+        mem_size,
+        vcpus: args.smp,
+        clock: ClockKind::Host,
+        serial_out: Box::new(std::io::stdout()),
+    })
+    .context("cannot build the machine")?;
+
+    let modules: Vec<Module<'_>> = initrd
+        .as_deref()
+        .map(|d| Module {
+            data: d,
+            cmdline: "initrd",
+        })
+        .into_iter()
+        .collect();
+    let boot = load_multiboot(&pc.machine.mem, &image, &args.append, &modules)
+        .with_context(|| format!("cannot load {}", guest.display()))?;
+    let state = multiboot_entry_state(&boot);
+
+    let outcome = match backend {
+        Backend::Kvm => run_kvm(&pc, &state, args)?,
+        Backend::Interp => {
+            bail!("the interpreter backend is not built yet; use --backend kvm")
+        }
+    };
+    if args.dump_devices {
+        eprint!("{}", pc.dump_devices());
+    }
+    Ok(report(&pc, &outcome))
+}
+
+fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
+    let flavour = tandem_kvm::host_info().map(|i| i.flavour).ok();
+    let vm = KvmVm::new(pc.machine.mem.clone(), &KvmVmOptions { vcpus: args.smp })
+        .map_err(|e| explain_kvm(e.into(), flavour))
+        .context("cannot create the KVM VM")?;
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| explain_kvm(e.into(), flavour))
+        .context("cannot create vCPU 0")?;
+    vcpu.set_state(state)
+        .context("cannot load the entry state into KVM")?;
+    pc.start_host_threads()
+        .context("cannot start the machine's threads")?;
+
+    let mut stats = ExitStats::default();
+    let result = pc.machine.run_vcpu(&mut vcpu, &mut stats);
+    pc.stop_host_threads();
+    if args.stats {
+        eprintln!("tandem: exits: {stats:?}");
+    }
+    match result {
+        Ok(o) => Ok(o),
+        Err(e) => Err(explain_run_error(pc, e, flavour)),
+    }
+}
+
+fn explain_kvm(e: anyhow::Error, flavour: Option<KvmFlavour>) -> anyhow::Error {
+    match flavour.and_then(|f| f.caveat()) {
+        Some(c) => e.context(c.to_string()),
+        None => e,
+    }
+}
+
+fn explain_run_error(pc: &Pc, e: RunError, flavour: Option<KvmFlavour>) -> anyhow::Error {
+    let insn = match &e {
+        RunError::EmulationFailure { context, .. }
+        | RunError::Internal { context, .. }
+        | RunError::FailEntry { context, .. } => Some(describe_insn(pc, context)),
+        _ => None,
+    };
+    let mut msg = e.to_string();
+    if let Some(i) = insn {
+        msg.push_str(&format!(": {i}"));
+    }
+    if let (RunError::EmulationFailure { .. }, Some(c)) = (&e, flavour.and_then(|f| f.caveat())) {
+        msg.push_str(&format!(" ({c})"));
+    }
+    anyhow::anyhow!(msg)
+}
+
+/// "mode: instruction (bytes)" at the context's CS:RIP.
+fn describe_insn(pc: &Pc, ctx: &GuestContext) -> String {
+    let s = &ctx.sregs;
+    let la = s.cs.base.wrapping_add(ctx.regs.rip);
+    let mut bytes = [0u8; 15];
+    let n = tandem_core::paging::read_linear(&pc.machine.mem, s, la, &mut bytes);
+    let bits = tandem_decoder::bitness(
+        s.long_mode(),
+        s.cs.l,
+        s.cs.db,
+        s.cr0 & tandem_core::cpu::cr0::PE != 0,
+    );
+    let text = if n == 0 {
+        "code not readable".to_string()
+    } else {
+        tandem_decoder::describe_one(&bytes[..n], ctx.regs.rip, bits)
+    };
+    format!("{}, {}", s.mode_name(), text)
+}
+
+/// Prints how the run ended and returns the process status.
+fn report(pc: &Pc, outcome: &RunOutcome) -> i32 {
+    match outcome {
+        RunOutcome::Stop(StopRequest::DebugExit(_)) => {}
+        RunOutcome::Stop(StopRequest::Reset) => eprintln!("tandem: the guest reset the machine"),
+        RunOutcome::Stop(StopRequest::Poweroff) => eprintln!("tandem: the guest powered off"),
+        RunOutcome::TripleFault(ctx) => eprintln!(
+            "tandem: triple fault at {} ({})",
+            ctx.cs_rip(),
+            describe_insn(pc, ctx)
+        ),
+        RunOutcome::DeadHalt(ctx) => eprintln!(
+            "tandem: the guest halted with interrupts disabled at {} and nothing can wake it",
+            ctx.cs_rip()
+        ),
+    }
+    outcome.exit_status()
+}
+
+pub fn info() -> Result<()> {
+    match tandem_kvm::host_info() {
+        Ok(i) => {
+            println!("KVM: {}", i.flavour);
+            println!(
+                "  API version {}, vCPU mmap size {}, max vCPUs {}",
+                i.api_version, i.vcpu_mmap_size, i.max_vcpus
+            );
+            if let Some(c) = i.flavour.caveat() {
+                println!("  note: {c}");
+            }
+            println!("Capabilities:");
+            for (name, has) in &i.caps {
+                println!("  [{}] {name}", if *has { "x" } else { " " });
+            }
+            println!("CPUID offered to guests (leaf.subleaf: eax ebx ecx edx):");
+            for (f, idx, a, b, c, d) in &i.cpuid {
+                println!("  {f:08x}.{idx:02x}: {a:08x} {b:08x} {c:08x} {d:08x}");
+            }
+        }
+        Err(e) => {
+            println!("KVM: not available ({e}); `tandem run` uses --backend interp");
+        }
+    }
+    println!(
+        "Backends: kvm{}, interp (not built yet)",
+        if std::path::Path::new("/dev/kvm").exists() {
+            ""
+        } else {
+            " (no /dev/kvm)"
+        }
+    );
+    Ok(())
+}
