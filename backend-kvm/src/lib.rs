@@ -456,16 +456,41 @@ impl Vcpu for KvmVcpu {
         match event.kind {
             EventKind::External => state::kvm_interrupt(&self.fd, event.vector),
             EventKind::Nmi => self.fd.nmi().map_err(vcpu_err("KVM_NMI")),
-            _ => {
+            EventKind::HardwareException => {
                 let mut ev = self
                     .fd
                     .get_vcpu_events()
                     .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?;
                 ev.exception.injected = 1;
+                ev.exception.pending = 0;
                 ev.exception.nr = event.vector;
                 ev.exception.has_error_code = u8::from(event.error_code.is_some());
                 ev.exception.error_code = event.error_code.unwrap_or(0);
-                ev.flags = 0;
+                self.fd
+                    .set_vcpu_events(&ev)
+                    .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+            }
+            EventKind::SoftwareInterrupt
+            | EventKind::SoftwareException
+            | EventKind::PrivilegedSoftwareException => {
+                // KVM's API cannot give the instruction length of a soft
+                // event it did not see exit (VMX takes it from the last
+                // exit). Advancing RIP past the instruction and injecting
+                // the vector as an already-injected external-type event
+                // pushes the same frame a trap-like INT n does; the gate
+                // checks that differ (DPL) were made by the caller. An
+                // injected event is delivered whatever RFLAGS.IF says, as
+                // INT n is.
+                let mut regs = self.fd.get_regs().map_err(vcpu_err("KVM_GET_REGS"))?;
+                regs.rip = regs.rip.wrapping_add(u64::from(event.instruction_len));
+                self.fd.set_regs(&regs).map_err(vcpu_err("KVM_SET_REGS"))?;
+                let mut ev = self
+                    .fd
+                    .get_vcpu_events()
+                    .map_err(vcpu_err("KVM_GET_VCPU_EVENTS"))?;
+                ev.interrupt.injected = 1;
+                ev.interrupt.nr = event.vector;
+                ev.interrupt.soft = 0;
                 self.fd
                     .set_vcpu_events(&ev)
                     .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod control;
 pub mod cpu;
 pub mod devices;
+pub mod fallback;
 pub mod irq;
 pub mod ladder;
 pub mod machine;

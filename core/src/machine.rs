@@ -109,6 +109,8 @@ pub struct ExitStats {
     pub windows: u64,
     pub kicks: u64,
     pub injections: u64,
+    /// Instructions the processor gave up on and Tandem finished.
+    pub fallbacks: u64,
 }
 
 /// Everything but the processors.
@@ -124,6 +126,8 @@ pub struct Machine {
     pub local_mmio: Option<Arc<dyn LocalMmio>>,
     pub timers: Arc<TimerSet>,
     pub doorbells: Vec<Arc<Doorbell>>,
+    /// Instructions already reported by `note_fallback`.
+    pub fallback_notes: std::sync::Mutex<Vec<crate::fallback::EventInstruction>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -237,6 +241,12 @@ impl Machine {
                 VcpuExit::Debug { .. } => {}
                 VcpuExit::Shutdown => return Ok(RunOutcome::TripleFault(context(vcpu))),
                 VcpuExit::EmulationFailure { insn } => {
+                    if let Some(done) = crate::fallback::finish_event_instruction(&self.mem, vcpu)?
+                    {
+                        stats.fallbacks += 1;
+                        self.note_fallback(vcpu.backend(), done);
+                        continue;
+                    }
                     let context = context(vcpu);
                     let bytes = if insn.is_empty() {
                         "no instruction bytes reported".to_string()
@@ -272,6 +282,18 @@ impl Machine {
                 }
                 VcpuExit::Unhandled(what) => return Err(RunError::Unhandled(what)),
             }
+        }
+    }
+
+    /// Says once per distinct instruction that the processor gave up on it.
+    fn note_fallback(&self, backend: &str, insn: crate::fallback::EventInstruction) {
+        let mut seen = self
+            .fallback_notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&insn) {
+            seen.push(insn);
+            eprintln!("tandem: {backend} could not execute {insn:?}; Tandem delivered its event");
         }
     }
 

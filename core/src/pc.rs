@@ -303,6 +303,7 @@ impl Pc {
             local_mmio: Some(apic_access),
             timers,
             doorbells: bells,
+            fallback_notes: Mutex::new(Vec::new()),
         });
         let pc = Pc {
             machine,
