@@ -13,7 +13,7 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use tandem_core::machine::{ExitStats, RunOutcome};
 use tandem_core::memory::GuestMemory;
-use tandem_core::pc::{ClockKind, Pc, PcConfig};
+use tandem_core::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
 use tandem_core::vcpu::Vcpu;
 use tandem_core::StopRequest;
 use tandem_kvm::{KvmVm, KvmVmOptions};
@@ -26,6 +26,7 @@ fn tandem_loop(count: u64) -> Duration {
         mem_size: MEM,
         vcpus: 1,
         clock: ClockKind::Host,
+        irqchip: IrqchipKind::User,
         serial_out: Box::new(std::io::sink()),
     })
     .expect("machine");
@@ -35,7 +36,14 @@ fn tandem_loop(count: u64) -> Duration {
         .expect("code");
     let mut state = long_mode_state(&pc.machine.mem, CODE_ADDR).expect("tables");
     state.regs.rcx = count;
-    let vm = KvmVm::new(pc.machine.mem.clone(), &KvmVmOptions { vcpus: 1 }).expect("vm");
+    let vm = KvmVm::new(
+        pc.machine.mem.clone(),
+        &KvmVmOptions {
+            vcpus: 1,
+            kernel_irqchip: false,
+        },
+    )
+    .expect("vm");
     let mut vcpu = vm.create_vcpu(0).expect("vcpu");
     vcpu.set_state(&state).expect("state");
     let mut stats = ExitStats::default();

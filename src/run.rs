@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use tandem_core::cpu::VcpuState;
 use tandem_core::machine::{ExitStats, GuestContext, RunError, RunOutcome};
-use tandem_core::pc::{ClockKind, Pc, PcConfig};
+use tandem_core::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
 use tandem_core::vcpu::Vcpu;
 use tandem_core::StopRequest;
 use tandem_firmware::multiboot::{load_multiboot, multiboot_entry_state, Module};
@@ -52,9 +52,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             args.smp
         );
     }
-    if args.irqchip == Irqchip::Kernel {
-        bail!("--irqchip kernel (KVM's in-kernel irqchip as a reference) is not built yet");
-    }
     if args.trace.is_some() {
         bail!("--trace is not built yet");
     }
@@ -64,11 +61,18 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         None => None,
     };
     let backend = args.backend.unwrap_or_else(default_backend);
+    if args.irqchip == Irqchip::Kernel && backend != Backend::Kvm {
+        bail!("--irqchip kernel is KVM's in-kernel irqchip: it needs --backend kvm");
+    }
 
     let pc = Pc::new(PcConfig {
         mem_size,
         vcpus: args.smp,
         clock: ClockKind::Host,
+        irqchip: match args.irqchip {
+            Irqchip::User => IrqchipKind::User,
+            Irqchip::Kernel => IrqchipKind::Kernel,
+        },
         serial_out: Box::new(std::io::stdout()),
     })
     .context("cannot build the machine")?;
@@ -91,23 +95,34 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             bail!("the interpreter backend is not built yet; use --backend kvm")
         }
     };
-    if args.dump_devices {
-        eprint!("{}", pc.dump_devices());
-    }
     Ok(report(&pc, &outcome))
 }
 
 fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     let flavour = tandem_kvm::host_info().map(|i| i.flavour).ok();
-    let vm = KvmVm::new(pc.machine.mem.clone(), &KvmVmOptions { vcpus: args.smp })
-        .map_err(|e| explain_kvm(e.into(), flavour))
-        .context("cannot create the KVM VM")?;
+    let kernel_irqchip = args.irqchip == Irqchip::Kernel;
+    let vm = KvmVm::new(
+        pc.machine.mem.clone(),
+        &KvmVmOptions {
+            vcpus: args.smp,
+            kernel_irqchip,
+        },
+    )
+    .map_err(|e| explain_kvm(e.into(), flavour))
+    .context("cannot create the KVM VM")?;
     let mut vcpu = vm
         .create_vcpu(0)
         .map_err(|e| explain_kvm(e.into(), flavour))
         .context("cannot create vCPU 0")?;
     vcpu.set_state(state)
         .context("cannot load the entry state into KVM")?;
+    if let Some(khz) = vcpu.tsc_khz() {
+        pc.sync_tsc(&mut vcpu, khz)
+            .context("cannot set the guest TSC")?;
+    }
+    if kernel_irqchip {
+        pc.machine.isa_irqs.connect(vm.kernel_irq_sink());
+    }
     pc.start_host_threads()
         .context("cannot start the machine's threads")?;
 
@@ -116,6 +131,12 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     pc.stop_host_threads();
     if args.stats {
         eprintln!("tandem: exits: {stats:?}");
+    }
+    if args.dump_devices {
+        eprint!("{}", pc.dump_devices());
+        if kernel_irqchip {
+            eprint!("{}{}", vm.dump_kernel_irqchip(), vcpu.dump_kernel_lapic());
+        }
     }
     match result {
         Ok(o) => Ok(o),

@@ -59,7 +59,7 @@ fn segment_beyond_ram() {
     // The guests load at 1 MiB; 1 MiB of RAM has no room for them.
     let g = guest("hello");
     let r = run_tandem(TANDEM, &["run", g.to_str().unwrap(), "--mem", "1M"]);
-    assert_one_line_error(&r, "outside guest RAM");
+    assert_one_line_error(&r, "outside usable guest RAM");
 }
 
 #[test]

@@ -8,6 +8,7 @@
 
 mod cpuid;
 mod host;
+mod kernel_irqchip;
 mod kick;
 mod state;
 
@@ -29,6 +30,7 @@ use tandem_core::vcpu::{Kick, Readiness, Vcpu, VcpuError, VcpuExit, VcpuResult};
 use thiserror::Error;
 
 pub use host::{host_info, HostInfo, KvmFlavour};
+pub use kernel_irqchip::KernelIrqSink;
 pub use kick::KvmKicker;
 
 /// Where KVM puts the real-mode TSS and identity map on VMX hosts, as QEMU
@@ -75,12 +77,16 @@ const FILTERED_MSRS: &[(u32, u32)] = &[(0x1b, 1), (0x6e0, 1), (0x800, 0x100)];
 pub struct KvmVmOptions {
     /// Number of vCPUs the guest will see in CPUID.
     pub vcpus: u32,
+    /// Use KVM's in-kernel PIC, IOAPIC, LAPIC and PIT instead of Tandem's
+    /// (the reference mode, `--irqchip kernel`).
+    pub kernel_irqchip: bool,
 }
 
 /// A KVM virtual machine over Tandem's guest memory.
 pub struct KvmVm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    kernel_irqchip: bool,
     cpuid: kvm_bindings::CpuId,
     flavour: KvmFlavour,
     _mem: Arc<GuestMemory>,
@@ -113,6 +119,9 @@ impl KvmVm {
             }
         }
         let _ = vm.set_identity_map_address(IDENTITY_MAP_ADDRESS);
+        if opts.kernel_irqchip {
+            kernel_irqchip::create(&vm)?;
+        }
 
         for (slot, r) in mem.regions().iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -146,7 +155,13 @@ impl KvmVm {
         // A clear bit in a filter bitmap denies the access in the kernel and
         // sends it to userspace.
         let zeros = [0u8; 0x100 / 8];
-        let ranges: Vec<MsrFilterRange<'_>> = FILTERED_MSRS
+        // With the in-kernel irqchip, KVM's LAPIC owns these MSRs.
+        let filtered: &[(u32, u32)] = if opts.kernel_irqchip {
+            &[]
+        } else {
+            FILTERED_MSRS
+        };
+        let ranges: Vec<MsrFilterRange<'_>> = filtered
             .iter()
             .map(|&(base, count)| MsrFilterRange {
                 flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
@@ -155,7 +170,9 @@ impl KvmVm {
                 bitmap: &zeros,
             })
             .collect();
-        if let Err(e) = vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges) {
+        if ranges.is_empty() {
+            // Nothing to filter.
+        } else if let Err(e) = vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges) {
             // PVM has no MSR filter; its x2APIC MSRs still exit as INVAL.
             if flavour != KvmFlavour::Pvm {
                 return Err(ioctl_err("KVM_X86_SET_MSR_FILTER")(e));
@@ -176,7 +193,8 @@ impl KvmVm {
         let cpuid = cpuid::platform_cpuid(&supported, opts.vcpus.max(1));
         Ok(KvmVm {
             kvm,
-            vm,
+            vm: Arc::new(vm),
+            kernel_irqchip: opts.kernel_irqchip,
             cpuid,
             flavour,
             _mem: mem,
@@ -194,6 +212,27 @@ impl KvmVm {
 
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
+    }
+
+    /// Whether KVM's in-kernel irqchip and PIT are in use.
+    pub fn kernel_irqchip(&self) -> bool {
+        self.kernel_irqchip
+    }
+
+    /// Where Tandem's devices' ISA lines go with the in-kernel irqchip.
+    pub fn kernel_irq_sink(&self) -> Arc<KernelIrqSink> {
+        Arc::new(KernelIrqSink {
+            vm: self.vm.clone(),
+        })
+    }
+
+    /// KVM's PIC, IOAPIC and PIT registers (in-kernel irqchip only).
+    pub fn dump_kernel_irqchip(&self) -> String {
+        if self.kernel_irqchip {
+            kernel_irqchip::dump(&self.vm)
+        } else {
+            String::new()
+        }
     }
 
     /// Creates vCPU `id` with Tandem's CPUID.
@@ -246,6 +285,42 @@ impl Drop for KvmVcpu {
 }
 
 impl KvmVcpu {
+    /// The guest TSC frequency in kHz (KVM_GET_TSC_KHZ).
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.fd.get_tsc_khz().ok().map(u64::from)
+    }
+
+    /// Finishes the instruction of the last port-I/O, MMIO or MSR exit
+    /// without running further: KVM completes it at the next KVM_RUN, which
+    /// returns at once with `immediate_exit` set (the KVM API's way to make
+    /// guest state consistent). Until then RIP, RFLAGS and the interrupt
+    /// shadow describe the middle of the instruction, and an event injected
+    /// there could land inside a MOV SS or STI shadow the instruction
+    /// creates.
+    fn finish_instruction(&mut self) -> VcpuResult<()> {
+        if !matches!(
+            self.exit,
+            PendingExit::Io { .. } | PendingExit::Mmio | PendingExit::Msr
+        ) {
+            return Ok(());
+        }
+        self.fd.set_kvm_immediate_exit(1);
+        // SAFETY: KVM_RUN on our own vCPU fd, as in `run`.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), kvm_run_ioctl(), 0) };
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        self.fd.set_kvm_immediate_exit(0);
+        self.exit = PendingExit::None;
+        if ret < 0 && errno != libc::EINTR && errno != libc::EAGAIN {
+            return Err(VcpuError::host("KVM_RUN (completion)", errno));
+        }
+        Ok(())
+    }
+
+    /// KVM's LAPIC registers of this vCPU (in-kernel irqchip only).
+    pub fn dump_kernel_lapic(&self) -> String {
+        kernel_irqchip::dump_lapic(&self.fd, self.id)
+    }
+
     /// The raw vCPU fd (single-step, guest debug, tests).
     pub fn fd(&mut self) -> &mut VcpuFd {
         &mut self.fd
@@ -313,6 +388,7 @@ impl KvmVcpu {
             kvm_bindings::KVM_EXIT_IRQ_WINDOW_OPEN => VcpuExit::InterruptWindow,
             kvm_bindings::KVM_EXIT_SHUTDOWN => VcpuExit::Shutdown,
             kvm_bindings::KVM_EXIT_INTR => VcpuExit::Kicked,
+            kvm_bindings::KVM_EXIT_SET_TPR => VcpuExit::TprLowered,
             kvm_bindings::KVM_EXIT_DEBUG => {
                 // SAFETY: exit_reason says the `debug` member is valid.
                 let d = unsafe { run.__bindgen_anon_1.debug }.arch;
@@ -442,7 +518,18 @@ impl Vcpu for KvmVcpu {
         msr.error = u8::from(!ok);
     }
 
+    fn cr8(&mut self) -> u64 {
+        self.fd.get_kvm_run().cr8
+    }
+
+    fn set_cr8(&mut self, cr8: u64) {
+        // Without an in-kernel LAPIC, KVM loads CR8 from kvm_run at every
+        // KVM_RUN and stores it back at every exit.
+        self.fd.get_kvm_run().cr8 = cr8;
+    }
+
     fn readiness(&mut self) -> VcpuResult<Readiness> {
+        self.finish_instruction()?;
         let run = self.fd.get_kvm_run();
         Ok(Readiness {
             if_flag: run.if_flag != 0,

@@ -36,6 +36,13 @@ pub trait InterruptSource: Send + Sync {
     fn can_wake_masked(&self, _vcpu: u32) -> bool {
         false
     }
+    /// The TPR as CR8 sees it (SDM vol. 3, 11.8.6: CR8 = TPR[7:4]), when the
+    /// controllers have a TPR.
+    fn cr8(&self, _vcpu: u32) -> Option<u64> {
+        None
+    }
+    /// A MOV to CR8 the processor reported.
+    fn set_cr8(&self, _vcpu: u32, _cr8: u64) {}
 }
 
 /// An interrupt system with no controllers: nothing is ever pending.

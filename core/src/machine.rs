@@ -162,6 +162,13 @@ impl Machine {
             .cloned()
             .unwrap_or_else(|| Arc::new(Doorbell::new()));
         bell.set_kicker(vcpu.kicker());
+        // CR8 and the LAPIC TPR are one register (SDM vol. 3, 11.8.6); the
+        // processor holds CR8, the machine the TPR. `cr8` is the value both
+        // agreed on last.
+        let mut cr8 = self.interrupts.cr8(id);
+        if let Some(c) = cr8 {
+            vcpu.set_cr8(c);
+        }
         loop {
             if self.control.stop_requested() {
                 if let Some(r) = self.control.stop_request() {
@@ -174,11 +181,24 @@ impl Machine {
             if d.injected.is_some() {
                 stats.injections += 1;
             }
+            if let Some(tpr) = self.interrupts.cr8(id) {
+                if cr8 != Some(tpr) {
+                    vcpu.set_cr8(tpr);
+                    cr8 = Some(tpr);
+                }
+            }
             if !bell.enter() {
                 continue;
             }
             let exit = vcpu.run();
             bell.leave();
+            if let Some(known) = cr8 {
+                let now = vcpu.cr8();
+                if now != known {
+                    self.interrupts.set_cr8(id, now);
+                    cr8 = Some(now);
+                }
+            }
             match exit? {
                 VcpuExit::IoOut { port, size, count } => {
                     stats.io += 1;
@@ -238,6 +258,7 @@ impl Machine {
                 }
                 VcpuExit::InterruptWindow | VcpuExit::NmiWindow => stats.windows += 1,
                 VcpuExit::Kicked => stats.kicks += 1,
+                VcpuExit::TprLowered => {}
                 VcpuExit::Debug { .. } => {}
                 VcpuExit::Shutdown => return Ok(RunOutcome::TripleFault(context(vcpu))),
                 VcpuExit::EmulationFailure { insn } => {

@@ -17,6 +17,7 @@ use thiserror::Error;
 use crate::bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
 use crate::clock::{HostClock, SharedClock, VirtualClock};
 use crate::control::MachineControl;
+use crate::cpu::Msr;
 use crate::devices::apic_router::ApicRouter;
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
 use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
@@ -26,10 +27,11 @@ use crate::devices::pic::{Pic, PicIrqSink};
 use crate::devices::pit::{LostTickPolicy, Pit, PitTimer};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_IRQ, UART_PORTS};
 use crate::irq::IsaIrqRouter;
+use crate::ladder::{InterruptSource, NoInterrupts};
 use crate::machine::{LocalMmio, Machine, MsrHandler};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::timer::TimerSet;
-use crate::vcpu::Doorbell;
+use crate::vcpu::{Doorbell, Vcpu, VcpuResult};
 
 /// The guest TSC rate Tandem's LAPIC and the interpreter use (KVM's own
 /// TSC rate is the host's; the TSC-deadline timer converts with this).
@@ -45,10 +47,22 @@ pub enum ClockKind {
     Virtual,
 }
 
+/// Whose interrupt controllers and PIT the guest talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqchipKind {
+    /// Tandem's device model.
+    #[default]
+    User,
+    /// The processor's own (KVM's in-kernel irqchip and PIT): the machine
+    /// leaves them out and the backend connects the ISA lines.
+    Kernel,
+}
+
 pub struct PcConfig {
     pub mem_size: u64,
     pub vcpus: u32,
     pub clock: ClockKind,
+    pub irqchip: IrqchipKind,
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
 }
@@ -63,15 +77,69 @@ pub enum PcError {
     Vcpus(u32),
 }
 
+/// The ladder's view of the `pc` interrupt system: the APIC router, plus
+/// the IOAPIC's NMI / INIT / SMI entries as wake sources for a HLT with IF
+/// clear.
+struct PcInterrupts {
+    router: Arc<ApicRouter>,
+    ioapic: Arc<Mutex<IoApic>>,
+}
+
+impl InterruptSource for PcInterrupts {
+    fn nmi_pending(&self, vcpu: u32) -> bool {
+        self.router.nmi_pending(vcpu)
+    }
+    fn ack_nmi(&self, vcpu: u32) {
+        self.router.ack_nmi(vcpu)
+    }
+    fn interrupt_pending(&self, vcpu: u32) -> bool {
+        self.router.interrupt_pending(vcpu)
+    }
+    fn ack_interrupt(&self, vcpu: u32) -> Option<u8> {
+        self.router.ack_interrupt(vcpu)
+    }
+    fn can_wake_masked(&self, vcpu: u32) -> bool {
+        if self.router.can_wake_masked(vcpu) {
+            return true;
+        }
+        let io = self.ioapic.lock().unwrap_or_else(|p| p.into_inner());
+        (0..crate::devices::ioapic::IOAPIC_PINS as u8).any(|pin| {
+            io.redirection_entry(pin).is_some_and(|e| {
+                // Unmasked, delivery mode SMI (2), NMI (4) or INIT (5).
+                e & (1 << 16) == 0 && matches!((e >> 8) & 7, 2 | 4 | 5)
+            })
+        })
+    }
+    fn cr8(&self, vcpu: u32) -> Option<u64> {
+        InterruptSource::cr8(&*self.router, vcpu)
+    }
+    fn set_cr8(&self, vcpu: u32, cr8: u64) {
+        InterruptSource::set_cr8(&*self.router, vcpu, cr8)
+    }
+}
+
+/// The interrupt source, MSR handlers and per-vCPU MMIO of a machine.
+type Handlers = (
+    Arc<dyn InterruptSource>,
+    Vec<Arc<dyn MsrHandler>>,
+    Option<Arc<dyn LocalMmio>>,
+);
+
+/// Tandem's interrupt controllers and PIT.
+pub struct UserIrqchip {
+    pub pic: Arc<Mutex<Pic>>,
+    pub pit: Arc<Mutex<Pit>>,
+    pub ioapic: Arc<Mutex<IoApic>>,
+    pub router: Arc<ApicRouter>,
+}
+
 /// A built `pc` machine and handles to its devices.
 pub struct Pc {
     pub machine: Arc<Machine>,
     pub virtual_clock: Option<Arc<VirtualClock>>,
     pub serial: Arc<Mutex<Serial>>,
-    pub pic: Arc<Mutex<Pic>>,
-    pub pit: Arc<Mutex<Pit>>,
-    pub ioapic: Arc<Mutex<IoApic>>,
-    pub router: Arc<ApicRouter>,
+    /// `None` with `IrqchipKind::Kernel`.
+    pub irqchip: Option<UserIrqchip>,
     pub cmos: Arc<Mutex<Cmos>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_threads: Arc<AtomicBool>,
@@ -192,64 +260,12 @@ impl Pc {
         let mut pio = Bus::new(BusKind::Pio);
         let mut mmio = Bus::new(BusKind::Mmio);
 
-        // Local APICs and the APIC bus.
-        let router = Arc::new(ApicRouter::with_vcpus(
-            cfg.vcpus,
-            clock.clone(),
-            DEFAULT_TSC_KHZ,
-            bells.clone(),
-        ));
-        for t in router.timers() {
-            timers.add(t);
-        }
-
-        // 8259A pair; INT drives LINT0.
-        let pic = Arc::new(Mutex::new(Pic::new(router.lint_line(0))));
-        for (dev, base, len) in crate::devices::pic::pc_port_devices(&pic) {
-            pio.insert(dev, base, len)?;
-        }
-        isa.connect(Arc::new(PicIrqSink(pic.clone())));
-
-        // 8254 PIT on IRQ 0, port 0x61.
-        let pit = Arc::new(Mutex::new(Pit::new(
-            clock.clone(),
-            isa.line(0),
-            LostTickPolicy::Discard,
-        )));
-        for (dev, base, len) in crate::devices::pit::pc_port_devices(&pit) {
-            pio.insert(rearming(dev, &timers), base, len)?;
-        }
-        timers.add(Arc::new(PitTimer(pit.clone())));
-
-        // The PIC's INTA; IRQ 0's acknowledgement feeds the PIT's lost-tick
-        // accounting (outside the PIC's lock: the PIT drives IRQ 0 under its
-        // own lock, which reaches the PIC).
-        {
-            let pic = pic.clone();
-            let pit = Arc::downgrade(&pit);
-            router.set_pic_ack(Arc::new(move || {
-                let inta = pic.lock().unwrap_or_else(|p| p.into_inner()).acknowledge();
-                if inta.irq == Some(0) {
-                    if let Some(pit) = pit.upgrade() {
-                        pit.lock().unwrap_or_else(|p| p.into_inner()).irq_acked();
-                    }
-                }
-                Some(inta.vector)
-            }));
-        }
-
-        // IOAPIC: messages to the LAPICs, EOIs back.
-        let ioapic = Arc::new(Mutex::new(IoApic::new(router.clone())));
-        mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_MMIO_SIZE)?;
-        isa.connect(Arc::new(IoApicIrqSink(ioapic.clone())));
-        {
-            let weak: Weak<Mutex<IoApic>> = Arc::downgrade(&ioapic);
-            router.set_eoi_sink(Arc::new(move |vector| {
-                if let Some(io) = weak.upgrade() {
-                    io.lock().unwrap_or_else(|p| p.into_inner()).eoi(vector);
-                }
-            }));
-        }
+        let irqchip = match cfg.irqchip {
+            IrqchipKind::User => Some(Self::user_irqchip(
+                &cfg, &clock, &isa, &timers, &bells, &mut pio, &mut mmio,
+            )?),
+            IrqchipKind::Kernel => None,
+        };
 
         // COM1.
         let serial = Arc::new(Mutex::new(Serial::new(
@@ -287,10 +303,23 @@ impl Pc {
         )?;
         pio.insert(Arc::new(Mutex::new(Port80::new())), POST_PORT, 1)?;
 
-        let apic_access = Arc::new(ApicAccess {
-            router: router.clone(),
-            timers: timers.clone(),
-        });
+        let (interrupts, msrs, local_mmio): Handlers = match &irqchip {
+            Some(chip) => {
+                let apic_access = Arc::new(ApicAccess {
+                    router: chip.router.clone(),
+                    timers: timers.clone(),
+                });
+                (
+                    Arc::new(PcInterrupts {
+                        router: chip.router.clone(),
+                        ioapic: chip.ioapic.clone(),
+                    }),
+                    vec![apic_access.clone()],
+                    Some(apic_access),
+                )
+            }
+            None => (Arc::new(NoInterrupts), Vec::new(), None),
+        };
         let machine = Arc::new(Machine {
             mem,
             pio,
@@ -298,9 +327,9 @@ impl Pc {
             clock,
             control,
             isa_irqs: isa,
-            interrupts: router.clone(),
-            msrs: vec![apic_access.clone()],
-            local_mmio: Some(apic_access),
+            interrupts,
+            msrs,
+            local_mmio,
             timers,
             doorbells: bells,
             fallback_notes: Mutex::new(Vec::new()),
@@ -309,10 +338,7 @@ impl Pc {
             machine,
             virtual_clock,
             serial,
-            pic,
-            pit,
-            ioapic,
-            router,
+            irqchip,
             cmos,
             threads: Mutex::new(Vec::new()),
             stop_threads: Arc::new(AtomicBool::new(false)),
@@ -321,11 +347,91 @@ impl Pc {
         Ok(pc)
     }
 
+    /// Tandem's LAPICs, 8259A pair, PIT and IOAPIC, wired together.
+    fn user_irqchip(
+        cfg: &PcConfig,
+        clock: &SharedClock,
+        isa: &Arc<IsaIrqRouter>,
+        timers: &Arc<TimerSet>,
+        bells: &[Arc<Doorbell>],
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<UserIrqchip, PcError> {
+        // Local APICs and the APIC bus.
+        let router = Arc::new(ApicRouter::with_vcpus(
+            cfg.vcpus,
+            clock.clone(),
+            DEFAULT_TSC_KHZ,
+            bells.to_vec(),
+        ));
+        for t in router.timers() {
+            timers.add(t);
+        }
+
+        // 8259A pair; INT drives LINT0.
+        let pic = Arc::new(Mutex::new(Pic::new(router.lint_line(0))));
+        for (dev, base, len) in crate::devices::pic::pc_port_devices(&pic) {
+            pio.insert(dev, base, len)?;
+        }
+        isa.connect(Arc::new(PicIrqSink(pic.clone())));
+
+        // 8254 PIT on IRQ 0, port 0x61.
+        let pit = Arc::new(Mutex::new(Pit::new(
+            clock.clone(),
+            isa.line(0),
+            LostTickPolicy::Discard,
+        )));
+        for (dev, base, len) in crate::devices::pit::pc_port_devices(&pit) {
+            pio.insert(rearming(dev, timers), base, len)?;
+        }
+        timers.add(Arc::new(PitTimer(pit.clone())));
+
+        // The PIC's INTA; IRQ 0's acknowledgement feeds the PIT's lost-tick
+        // accounting (outside the PIC's lock: the PIT drives IRQ 0 under its
+        // own lock, which reaches the PIC).
+        {
+            let pic = pic.clone();
+            let pit = Arc::downgrade(&pit);
+            router.set_pic_ack(Arc::new(move || {
+                let inta = pic.lock().unwrap_or_else(|p| p.into_inner()).acknowledge();
+                if inta.irq == Some(0) {
+                    if let Some(pit) = pit.upgrade() {
+                        pit.lock().unwrap_or_else(|p| p.into_inner()).irq_acked();
+                    }
+                }
+                Some(inta.vector)
+            }));
+        }
+
+        // IOAPIC: messages to the LAPICs, EOIs back.
+        let ioapic = Arc::new(Mutex::new(IoApic::new(router.clone())));
+        mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_MMIO_SIZE)?;
+        isa.connect(Arc::new(IoApicIrqSink(ioapic.clone())));
+        {
+            let weak: Weak<Mutex<IoApic>> = Arc::downgrade(&ioapic);
+            router.set_eoi_sink(Arc::new(move |vector| {
+                if let Some(io) = weak.upgrade() {
+                    io.lock().unwrap_or_else(|p| p.into_inner()).eoi(vector);
+                }
+            }));
+        }
+
+        Ok(UserIrqchip {
+            pic,
+            pit,
+            ioapic,
+            router,
+        })
+    }
+
     /// Leaves the legacy devices as SeaBIOS leaves them on QEMU: PIC bases
     /// 0x08 / 0x70, masks 0xB8 / 0x8E, PIT channel 0 at 18.2 Hz.
     fn seabios_state(&self) {
         use crate::devices::pic::PicChip;
-        let mut pic = self.pic.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(chip) = &self.irqchip else {
+            return;
+        };
+        let mut pic = chip.pic.lock().unwrap_or_else(|p| p.into_inner());
         for (chip, base, icw3, mask) in [
             (PicChip::Master, 0x08, 0x04, 0xB8),
             (PicChip::Slave, 0x70, 0x02, 0x8E),
@@ -337,16 +443,42 @@ impl Pc {
             pic.write_port(chip, 1, mask);
         }
         drop(pic);
-        self.pit
+        chip.pit
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .program_bios_defaults();
+        // SeaBIOS enables the BSP's LAPIC in virtual-wire mode: software
+        // enabled with spurious vector 0xFF, LINT0 ExtINT, LINT1 NMI.
+        for (offset, value) in [(0xf0u64, 0x1ffu32), (0x350, 0x8700), (0x360, 0x8400)] {
+            chip.router.mmio_write(0, offset, &value.to_le_bytes());
+        }
         self.machine.timers.rearm();
     }
 
-    /// Starts the host threads a run needs: the timer watcher (kicks vCPUs
-    /// when a device deadline passes) and, when stdin is a pipe or terminal,
-    /// the COM1 input reader.
+    /// Makes the guest's TSC and the one Tandem's LAPIC compares TSC
+    /// deadlines with the same: the processor's TSC is set to the machine
+    /// clock's value at the processor's `tsc_khz`, then read back; what
+    /// differs (a processor that cannot set its TSC keeps the host's)
+    /// becomes the LAPICs' TSC offset.
+    pub fn sync_tsc(&self, vcpu: &mut dyn Vcpu, tsc_khz: u64) -> VcpuResult<()> {
+        let khz = tsc_khz.max(1);
+        let clock_tsc = |ns: u64| (u128::from(ns) * u128::from(khz) / 1_000_000) as u64;
+        let tsc = crate::cpu::msr::IA32_TSC;
+        // Refused writes are fine: the read-back below tells the truth.
+        let _ = vcpu.set_msrs(&[Msr {
+            index: tsc,
+            value: clock_tsc(self.machine.clock.now_ns()),
+        }]);
+        let guest = vcpu.get_msrs(&[tsc])?.first().map(|m| m.value).unwrap_or(0);
+        let offset = guest.saturating_sub(clock_tsc(self.machine.clock.now_ns()));
+        if let Some(chip) = &self.irqchip {
+            chip.router.set_tsc(khz, offset);
+        }
+        Ok(())
+    }
+
+    /// Starts the timer watcher, the host thread that kicks vCPUs when a
+    /// device deadline passes.
     pub fn start_host_threads(&self) -> std::io::Result<()> {
         let stop = self.stop_threads.clone();
         let control = self.machine.control.clone();
@@ -359,6 +491,12 @@ impl Pc {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(h);
+        Ok(())
+    }
+
+    /// Feeds COM1 from the process's stdin when it is a pipe, terminal,
+    /// socket or file (a detached thread).
+    pub fn start_stdin(&self) -> std::io::Result<()> {
         let bells = self.machine.doorbells.clone();
         let timers = self.machine.timers.clone();
         crate::devices::serial::spawn_stdin_reader(
@@ -397,19 +535,21 @@ impl Pc {
                 out.push('\n');
             }
         };
-        section(
-            "pic",
-            self.pic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
-        );
-        section(
-            "pit",
-            self.pit.lock().unwrap_or_else(|p| p.into_inner()).dump(),
-        );
-        section(
-            "ioapic",
-            self.ioapic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
-        );
-        section("lapic", self.router.dump());
+        if let Some(chip) = &self.irqchip {
+            section(
+                "pic",
+                chip.pic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+            );
+            section(
+                "pit",
+                chip.pit.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+            );
+            section(
+                "ioapic",
+                chip.ioapic.lock().unwrap_or_else(|p| p.into_inner()).dump(),
+            );
+            section("lapic", chip.router.dump());
+        }
         for (base, _len, dev) in self.machine.pio.devices() {
             let d = dev.lock().unwrap_or_else(|p| p.into_inner());
             if matches!(d.name(), "pic" | "elcr" | "pit" | "port61") || d.name().starts_with("pic")

@@ -32,6 +32,7 @@ pub struct FakeVcpu {
     pub regs: Regs,
     pub sregs: Sregs,
     pub events: VcpuEvents,
+    pub cr8: u64,
 }
 
 impl FakeVcpu {
@@ -64,6 +65,12 @@ impl Vcpu for FakeVcpu {
     }
     fn complete_wrmsr(&mut self, ok: bool) {
         self.wrmsr_answers.push(ok);
+    }
+    fn cr8(&mut self) -> u64 {
+        self.cr8
+    }
+    fn set_cr8(&mut self, cr8: u64) {
+        self.cr8 = cr8;
     }
     fn readiness(&mut self) -> VcpuResult<Readiness> {
         Ok(self.readiness)

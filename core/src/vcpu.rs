@@ -45,6 +45,9 @@ pub enum VcpuExit {
     Debug { exception: u8, dr6: u64, rip: u64 },
     /// The run was interrupted from outside (a kick); nothing to emulate.
     Kicked,
+    /// The guest lowered CR8 below what was last given (KVM_EXIT_SET_TPR):
+    /// an interrupt the TPR held back may now be deliverable.
+    TprLowered,
     /// The processor could not emulate an instruction (KVM internal error,
     /// emulation suberror). `insn` holds the bytes it reported, if any.
     EmulationFailure { insn: Vec<u8> },
@@ -119,7 +122,16 @@ pub trait Vcpu: Send {
     /// Answer to a WrMsr exit; `false` raises #GP(0) in the guest.
     fn complete_wrmsr(&mut self, ok: bool);
 
-    /// Readiness to take an event, as of the last exit.
+    /// CR8 as of the last exit (the guest may have moved to it).
+    fn cr8(&mut self) -> u64;
+    /// CR8 for the next entry (the LAPIC's TPR changed through its page or
+    /// MSR).
+    fn set_cr8(&mut self, cr8: u64);
+
+    /// Readiness to take an event, as of the last exit. A processor whose
+    /// last exit left an instruction unfinished (KVM: port I/O, MMIO, MSR)
+    /// finishes it first, so that an STI or MOV SS shadow the instruction
+    /// creates is seen (SDM vol. 3, 6.8.3).
     fn readiness(&mut self) -> VcpuResult<Readiness>;
     /// Delivers `event` at the next entry.
     fn inject(&mut self, event: Event) -> VcpuResult<()>;

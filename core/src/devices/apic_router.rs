@@ -327,6 +327,13 @@ impl ApicRouter {
             .unwrap_or(0)
     }
 
+    /// Sets every LAPIC's guest TSC (see `Lapic::set_tsc`).
+    pub fn set_tsc(&self, tsc_khz: u64, offset: u64) {
+        for l in &self.lapics {
+            lock(l).set_tsc(tsc_khz, offset);
+        }
+    }
+
     /// MOV to CR8 by vCPU `vcpu`.
     pub fn set_cr8(&self, vcpu: u32, cr8: u64) {
         let _ = self.with_lapic(Self::index(vcpu), |l| l.set_tpr(((cr8 & 0xF) << 4) as u8));
@@ -405,6 +412,14 @@ impl ApicBus for ApicRouter {
 }
 
 impl InterruptSource for ApicRouter {
+    fn cr8(&self, vcpu: u32) -> Option<u64> {
+        Some(ApicRouter::cr8(self, vcpu))
+    }
+
+    fn set_cr8(&self, vcpu: u32, cr8: u64) {
+        ApicRouter::set_cr8(self, vcpu, cr8)
+    }
+
     fn nmi_pending(&self, vcpu: u32) -> bool {
         self.with_lapic(Self::index(vcpu), |l| l.nmi_pending())
             .unwrap_or(false)
@@ -439,16 +454,16 @@ impl InterruptSource for ApicRouter {
         self.with_lapic(i, |l| l.ack_interrupt()).flatten()
     }
 
-    /// An NMI or INIT can still come: another vCPU can send IPIs, LINT1 is
-    /// an unmasked NMI input, or one is already pending.
+    /// An NMI or INIT can still come: another vCPU can send IPIs, LINT0
+    /// passes the PIC's INT as an NMI / SMI / INIT, or one is already
+    /// pending. (The IOAPIC's NMI entries are the machine's to add.)
     fn can_wake_masked(&self, vcpu: u32) -> bool {
+        // LINT1 is not counted: nothing on this machine drives it (a PC's
+        // chipset NMI sources are not modelled).
         self.lapics.len() > 1
             || self
                 .with_lapic(Self::index(vcpu), |l| {
-                    (l.hw_enabled() && l.lint1_nmi_enabled())
-                        || l.nmi_pending()
-                        || l.init_pending()
-                        || l.smi_pending()
+                    l.lint0_wakes_masked() || l.nmi_pending() || l.init_pending() || l.smi_pending()
                 })
                 .unwrap_or(false)
     }
@@ -548,6 +563,7 @@ mod tests {
     const ICR_LOW: u64 = 0x300;
     const ICR_HIGH: u64 = 0x310;
     const LVT_TIMER: u64 = 0x320;
+    const LVT_LINT0: u64 = 0x350;
     const LVT_LINT1: u64 = 0x360;
     const TIMER_INITIAL: u64 = 0x380;
     const TIMER_DIVIDE: u64 = 0x3E0;
@@ -834,7 +850,11 @@ mod tests {
     fn can_wake_masked() {
         let one = rig(1);
         assert!(!one.router.can_wake_masked(0));
+        // Nothing drives LINT1 on this machine.
         w(&one.router, 0, LVT_LINT1, 0x400);
+        assert!(!one.router.can_wake_masked(0));
+        // LINT0 carries the PIC's INT: as an NMI it can end a masked HLT.
+        w(&one.router, 0, LVT_LINT0, 0x400);
         assert!(one.router.can_wake_masked(0));
         let two = rig(2);
         assert!(two.router.can_wake_masked(0));

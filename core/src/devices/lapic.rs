@@ -418,6 +418,9 @@ pub struct Lapic {
     initial_id: u32,
     clock: SharedClock,
     tsc_khz: u64,
+    /// The guest TSC when the clock read 0 (a processor whose TSC cannot
+    /// be set, like PVM's, keeps the host's).
+    tsc_offset: u64,
     phys_addr_bits: u8,
     s: LapicState,
     outputs: Vec<LapicOutput>,
@@ -437,11 +440,22 @@ impl Lapic {
     /// An APIC in its power-up state with initial APIC ID `apic_id`; `bsp`
     /// sets IA32_APIC_BASE.BSP. `tsc_khz` is the guest TSC frequency that
     /// TSC-deadline mode compares against (TSC = ns * tsc_khz / 10^6).
+    /// Sets the guest TSC that TSC-deadline mode compares with: it counts
+    /// at `tsc_khz` and read `offset` when the clock read 0 (the
+    /// processor's, known once it exists: KVM_GET_TSC_KHZ and IA32_TSC on
+    /// KVM).
+    pub fn set_tsc(&mut self, tsc_khz: u64, offset: u64) {
+        self.tsc_khz = tsc_khz.max(1);
+        self.tsc_offset = offset;
+        self.update_timer();
+    }
+
     pub fn new(apic_id: u32, bsp: bool, clock: SharedClock, tsc_khz: u64) -> Self {
         Lapic {
             initial_id: apic_id,
             clock,
             tsc_khz: tsc_khz.max(1),
+            tsc_offset: 0,
             phys_addr_bits: 52,
             s: LapicState::power_up(apic_id, bsp),
             outputs: Vec::new(),
@@ -951,6 +965,18 @@ impl Lapic {
             || (lvt1 & LVT_MASKED == 0 && DeliveryMode::from_bits(lvt1 >> 8) == DeliveryMode::Nmi)
     }
 
+    /// Whether a signal on LINT0 (the 8259A's INT) would arrive as an NMI,
+    /// SMI or INIT, which end a HLT even with IF clear.
+    pub fn lint0_wakes_masked(&self) -> bool {
+        let lvt0 = self.s.lvt[LVT_LINT0];
+        self.hw_enabled()
+            && lvt0 & LVT_MASKED == 0
+            && matches!(
+                DeliveryMode::from_bits(lvt0 >> 8),
+                DeliveryMode::Nmi | DeliveryMode::Smi | DeliveryMode::Init
+            )
+    }
+
     /// Outputs queued since the last call (IPIs, EOI broadcasts).
     pub fn take_outputs(&mut self) -> Vec<LapicOutput> {
         std::mem::take(&mut self.outputs)
@@ -1424,12 +1450,16 @@ impl Lapic {
     /// The guest TSC at the clock's current time.
     pub fn tsc_now(&self) -> u64 {
         let t = u128::from(self.now()) * u128::from(self.tsc_khz) / 1_000_000;
-        u64::try_from(t).unwrap_or(u64::MAX)
+        u64::try_from(t)
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.tsc_offset)
     }
 
     /// The first clock time at which the TSC reaches `tsc`.
     fn ns_for_tsc(&self, tsc: u64) -> u64 {
         let khz = u128::from(self.tsc_khz);
+        // A deadline before the clock's origin has passed: time 0.
+        let tsc = tsc.saturating_sub(self.tsc_offset);
         let ns = (u128::from(tsc) * 1_000_000).div_ceil(khz);
         u64::try_from(ns).unwrap_or(u64::MAX)
     }

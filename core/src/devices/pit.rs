@@ -947,10 +947,10 @@ impl Pit {
         self.irq0.lower();
     }
 
-    /// Programs counter 0 as SeaBIOS leaves it: mode 3, LSB then MSB,
-    /// binary, count 0 (65536: 18.2 Hz).
+    /// Programs counter 0 as SeaBIOS leaves it (its `pit_setup`): mode 2,
+    /// LSB then MSB, binary, count 0 (65536: 18.2 Hz).
     pub fn program_bios_defaults(&mut self) {
-        self.write_port(3, 0x36);
+        self.write_port(3, 0x34);
         self.write_port(0, 0);
         self.write_port(0, 0);
     }
@@ -1777,7 +1777,9 @@ mod tests {
     #[test]
     fn mode3_on_irq0_fires_at_both_half_periods() {
         let pc = Pc::new(LostTickPolicy::Discard);
-        pc.pit.lock().unwrap().program_bios_defaults();
+        pc.outb(0x43, 0x36); // counter 0, LSB/MSB, mode 3
+        pc.outb(0x40, 0);
+        pc.outb(0x40, 0);
         // Count 65536: high 32768, low 32768, from pulse 1.
         assert_eq!(pc.timer.deadline(), Some(tick_time_ns(1 + 32768)));
         pc.clock.advance_to(tick_time_ns(1 + 32768));
@@ -1792,6 +1794,23 @@ mod tests {
         // 18.2 Hz: 65536 pulses are 54.9 ms.
         let period = tick_time_ns(65536);
         assert!((54_925_000..54_926_000).contains(&period), "{period}");
+    }
+
+    #[test]
+    fn bios_defaults_are_seabios_mode_2_at_18_2_hz() {
+        let pc = Pc::new(LostTickPolicy::Discard);
+        pc.pit.lock().unwrap().program_bios_defaults();
+        // Read-back status of counter 0: RW 3 (LSB/MSB), mode 2, binary.
+        pc.outb(0x43, 0xE2);
+        let status = pc.inb(0x40);
+        assert_eq!(status & 0x3F, 0x34, "status {status:#x}");
+        // One IRQ 0 edge per 65536 pulses.
+        let d = pc.timer.deadline().unwrap();
+        pc.clock.advance_to(d);
+        pc.run_timers();
+        assert_eq!(pc.line.rises(), 1);
+        let next = pc.timer.deadline().unwrap();
+        assert!(next > d);
     }
 
     #[test]

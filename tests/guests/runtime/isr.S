@@ -1,5 +1,5 @@
 /* 64-bit interrupt entry: 256 vector stubs, the common entry, and the
- * ring-3 round trip (run_user / the USER_RETURN_VECTOR gate).
+ * ring-3 round trip (run_user: IRETQ down to CPL 3, SYSCALL back up).
  *
  * The CPU pushes an error code for #DF(8), #TS(10), #NP(11), #SS(12),
  * #GP(13), #PF(14), #AC(17), #CP(21), #VC(29) and #SX(30) (SDM vol. 3,
@@ -7,8 +7,6 @@
  * a dummy 0 so that struct frame has one layout. (A software INT n to one of
  * those vectors pushes no error code; the guests here never do that.)
  */
-
-#define USER_RETURN_VECTOR 0x81
 
     .text
     .code64
@@ -72,14 +70,9 @@ isr_common:
     add     $16, %rsp /* vector, error code */
     iretq
 
-/* Stub addresses, in vector order, for the C code that builds the IDT.
- * USER_RETURN_VECTOR gets user_return_entry instead of its stub. */
+/* Stub addresses, in vector order, for the C code that builds the IDT. */
     .macro STUB_ADDR vec
-    .if \vec == USER_RETURN_VECTOR
-    .quad user_return_entry
-    .else
     .quad isr_stub_\vec
-    .endif
     .endm
 
     .section .rodata
@@ -117,24 +110,44 @@ run_user:
     iretq
 
 /* Runs at CPL 3. RSP = user_stack_top (16-byte aligned), so the call below
- * leaves fn with the ABI's stack alignment. */
+ * leaves fn with the ABI's stack alignment. The way back is SYSCALL, not
+ * INT n through a DPL 3 gate: PVM answers INT n at CPL 3 with a #UD instead
+ * of delivering it through the gate. */
     .globl user_trampoline
 user_trampoline:
     call    *%rdi
-    int     $USER_RETURN_VECTOR
+    syscall
     ud2                             /* not reached */
 
-/* Gate USER_RETURN_VECTOR (DPL 3). We arrive at CPL 0 on the RSP0 stack;
- * drop that frame, restore the kernel segment registers (a return to CPL 3
- * nulled DS/ES, and the switch to CPL 0 loaded SS with a null selector) and
- * return from run_user. */
+/* IA32_LSTAR. SYSCALL (SDM vol. 2B, SYSCALL) leaves us at CPL 0 with
+ * CS = STAR[47:32] = 0x08, SS = STAR[47:32] + 8 = 0x10, RCX = the user RIP,
+ * R11 = the user RFLAGS, RFLAGS &= ~IA32_FMASK (IF, TF, DF, AC, NT clear),
+ * and RSP still on the user stack, so nothing here touches the stack before
+ * RSP is the kernel one again.
+ *
+ * PVM (measured) runs SYSCALL at CPL 3 differently: it jumps to LSTAR with
+ * RCX and R11 set but stays at CPL 3 (CS reads the host's user selector
+ * 0x33, privileged instructions #GP, IF = 1). So the entry first checks that
+ * CS is the kernel's; if not, it raises a #UD at user_return_fault, which
+ * reaches CPL 0 through the IDT like any ring-3 exception, and isr_dispatch
+ * turns that one #UD into a jump to user_return_kernel. */
     .globl user_return_entry
 user_return_entry:
+    mov     %cs, %eax
+    cmp     $0x08, %ax
+    jne     user_return_fault
+
+/* void user_return_kernel(void): back in run_user's context at CPL 0 (from
+ * the SYSCALL entry above or from isr_dispatch): switch to the kernel stack
+ * saved by run_user (a RIP-relative load), restore DS/ES (the IRETQ to CPL 3
+ * nulled them: DPL 0 data segments) and SS, and return from run_user. */
+    .globl user_return_kernel
+user_return_kernel:
+    mov     run_user_saved_rsp(%rip), %rsp
     mov     $0x10, %ax
     mov     %ax, %ds
     mov     %ax, %es
     mov     %ax, %ss
-    mov     run_user_saved_rsp(%rip), %rsp
     popq    %r15
     popq    %r14
     popq    %r13
@@ -142,6 +155,12 @@ user_return_entry:
     popq    %rbp
     popq    %rbx
     ret
+
+/* Reached only at CPL 3 (a SYSCALL that did not change the privilege level):
+ * the #UD here is the way back, see isr_dispatch. */
+    .globl user_return_fault
+user_return_fault:
+    ud2
 
     .section .bss
     .balign 8

@@ -330,7 +330,6 @@ static void idt_init(void)
         idt[v].offset_high = (uint32_t)(a >> 32);
         idt[v].reserved = 0;
     }
-    set_gate_dpl(USER_RETURN_VECTOR, 3);
 
     struct {
         uint16_t limit;
@@ -341,7 +340,7 @@ static void idt_init(void)
 
 void set_handler(unsigned vec, handler_fn fn)
 {
-    if (vec < 256 && vec != USER_RETURN_VECTOR)
+    if (vec < 256)
         handlers[vec] = fn;
 }
 
@@ -357,8 +356,16 @@ void set_gate_ist(unsigned vec, unsigned ist)
         idt[vec].ist = (uint8_t)(ist & 7);
 }
 
+extern char user_return_fault[];
+void user_return_kernel(void) __attribute__((noreturn));
+
 void isr_dispatch(struct frame *f)
 {
+    /* run_user's way back when SYSCALL did not reach CPL 0 (PVM): the #UD
+     * of user_return_fault at CPL 3. The frame on the RSP0 stack is simply
+     * dropped. */
+    if (f->vector == 6 && f->rip == (uint64_t)(uintptr_t)user_return_fault && (f->cs & 3) == 3)
+        user_return_kernel();
     handler_fn fn = f->vector < 256 ? handlers[f->vector] : 0;
     if (fn) {
         fn(f);
@@ -371,6 +378,36 @@ void isr_dispatch(struct frame *f)
     exit(1);
 }
 
+/* ---- SYSCALL: the way back from run_user's CPL 3 code ------------------- */
+/* SDM vol. 2B SYSCALL / SYSRET and vol. 3 5.8.8 "Fast System Calls in 64-Bit
+ * Mode". SYSCALL loads CS = STAR[47:32] (0x08) and SS = STAR[47:32] + 8
+ * (0x10). SYSRET (not used: run_user enters CPL 3 with IRETQ) would load
+ * CS = STAR[63:48] + 16 and SS = STAR[63:48] + 8, both with RPL 3: with
+ * STAR[63:48] = 0x13 that is 0x23 and 0x1b, which the GDT's order (user
+ * data 0x18 before user code64 0x20) already fits. */
+#define MSR_EFER 0xC0000080u
+#define MSR_STAR 0xC0000081u
+#define MSR_LSTAR 0xC0000082u
+#define MSR_FMASK 0xC0000084u
+#define EFER_SCE (1ull << 0)
+#define RFLAGS_TF (1ull << 8)
+#define RFLAGS_IF (1ull << 9)
+#define RFLAGS_DF (1ull << 10)
+#define RFLAGS_NT (1ull << 14)
+#define RFLAGS_AC (1ull << 18)
+
+extern char user_return_entry[];
+
+static void syscall_init(void)
+{
+    wrmsr(MSR_STAR, ((uint64_t)(SEL_USER_DATA - 8) << 48) | ((uint64_t)SEL_KERNEL_CODE << 32));
+    wrmsr(MSR_LSTAR, (uint64_t)(uintptr_t)user_return_entry);
+    /* The entry runs with interrupts off, no single-step, DF = 0 (the C
+     * ABI), AC = 0 and NT = 0. */
+    wrmsr(MSR_FMASK, RFLAGS_IF | RFLAGS_TF | RFLAGS_DF | RFLAGS_NT | RFLAGS_AC);
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
+}
+
 /* ---- Entry from boot.S ------------------------------------------------------ */
 void runtime_start(void) __attribute__((noreturn));
 void runtime_start(void)
@@ -378,7 +415,24 @@ void runtime_start(void)
     serial_init();
     tss_init();
     idt_init();
+    syscall_init();
     int rc = main();
     int nfailed = summary();
     exit((nfailed || rc) ? 1 : 0);
+}
+
+/* ---- Check helpers (declared in hw.h) ------------------------------------- */
+int expect(const char *what, uint64_t got, uint64_t want)
+{
+    if (got == want)
+        return 1;
+    printf("  %s: got 0x%lx, expected 0x%lx\n", what, got, want);
+    return 0;
+}
+
+int expect_true(const char *what, int cond)
+{
+    if (!cond)
+        printf("  %s\n", what);
+    return cond != 0;
 }

@@ -4,7 +4,8 @@
  * switches to 64-bit long mode with interrupts off, sets up a GDT, a TSS, an
  * IDT of 256 gates and COM1, then calls the guest's main(). When main()
  * returns, the runtime calls summary() and exit(failed ? 1 : 0).
- * Interrupts stay disabled (RFLAGS.IF = 0) for the whole run.
+ * The runtime never enables interrupts (RFLAGS.IF = 0 throughout); the
+ * interrupt guests do it themselves with the helpers of hw.h.
  */
 #ifndef TANDEM_GUEST_RUNTIME_H
 #define TANDEM_GUEST_RUNTIME_H
@@ -20,10 +21,6 @@
 #define SEL_USER_CODE 0x23   /* 64-bit code, DPL 3 (0x20 | RPL 3) */
 #define SEL_TSS 0x28         /* 64-bit TSS (16-byte descriptor) */
 #define SEL_KERNEL_CODE32 0x38 /* 32-bit code, used only by the boot stub */
-
-/* Vector of the DPL 3 gate the ring-3 trampoline uses to come back to ring 0
- * (see run_user). Do not install a handler for it. */
-#define USER_RETURN_VECTOR 0x81
 
 /* ---- Multiboot v1 ----------------------------------------------------- */
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2BADB002u
@@ -110,9 +107,11 @@ void halt_forever(void) __attribute__((noreturn)); /* cli; hlt loop */
 
 /* ---- Ring 3 ------------------------------------------------------------ */
 /* Run fn at CPL 3 on user_stack_top with RFLAGS = 0x2 (IF = 0, IOPL = 0),
- * CS = SEL_USER_CODE, SS = SEL_USER_DATA. When fn returns, the trampoline
- * executes INT USER_RETURN_VECTOR, whose gate (DPL 3) restores the kernel
- * context and run_user returns. fn must not do port I/O or printf (IOPL 0:
+ * CS = SEL_USER_CODE, SS = SEL_USER_DATA (entered with IRETQ). When fn
+ * returns, the trampoline executes SYSCALL (EFER.SCE, IA32_STAR/LSTAR/FMASK
+ * set by the runtime), whose entry switches back to the kernel stack and
+ * run_user returns. No IDT gate is involved, so every vector is free; fn
+ * must not execute SYSCALL itself. fn must not do port I/O or printf (IOPL 0:
  * that #GPs); it may touch any memory (every page is user-accessible unless
  * a test changes that). */
 void run_user(void (*fn)(void));
