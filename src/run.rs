@@ -152,20 +152,33 @@ fn explain_kvm(e: anyhow::Error, flavour: Option<KvmFlavour>) -> anyhow::Error {
 }
 
 fn explain_run_error(pc: &Pc, e: RunError, flavour: Option<KvmFlavour>) -> anyhow::Error {
-    let insn = match &e {
+    let ctx = match &e {
         RunError::EmulationFailure { context, .. }
         | RunError::Internal { context, .. }
-        | RunError::FailEntry { context, .. } => Some(describe_insn(pc, context)),
+        | RunError::FailEntry { context, .. } => Some(context.clone()),
         _ => None,
     };
     let mut msg = e.to_string();
-    if let Some(i) = insn {
-        msg.push_str(&format!(": {i}"));
+    if let Some(c) = &ctx {
+        msg.push_str(&format!(": {}", describe_insn(pc, c)));
     }
     if let (RunError::EmulationFailure { .. }, Some(c)) = (&e, flavour.and_then(|f| f.caveat())) {
         msg.push_str(&format!(" ({c})"));
     }
+    if let Some(c) = &ctx {
+        msg.push('\n');
+        msg.push_str(&register_dump(c));
+    }
     anyhow::anyhow!(msg)
+}
+
+/// The guest's registers, indented, for fatal exits.
+fn register_dump(ctx: &GuestContext) -> String {
+    format!("{}\n{}", ctx.regs, ctx.sregs)
+        .lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// "mode: instruction (bytes)" at the context's CS:RIP.
@@ -195,9 +208,10 @@ fn report(pc: &Pc, outcome: &RunOutcome) -> i32 {
         RunOutcome::Stop(StopRequest::Reset) => eprintln!("tandem: the guest reset the machine"),
         RunOutcome::Stop(StopRequest::Poweroff) => eprintln!("tandem: the guest powered off"),
         RunOutcome::TripleFault(ctx) => eprintln!(
-            "tandem: triple fault at {} ({})",
+            "tandem: triple fault at {} ({})\n{}",
             ctx.cs_rip(),
-            describe_insn(pc, ctx)
+            describe_insn(pc, ctx),
+            register_dump(ctx)
         ),
         RunOutcome::DeadHalt(ctx) => eprintln!(
             "tandem: the guest halted with interrupts disabled at {} and nothing can wake it",

@@ -162,6 +162,7 @@ impl Machine {
             .cloned()
             .unwrap_or_else(|| Arc::new(Doorbell::new()));
         bell.set_kicker(vcpu.kicker());
+        crate::timer::tight_timer_slack();
         // CR8 and the LAPIC TPR are one register (SDM vol. 3, 11.8.6); the
         // processor holds CR8, the machine the TPR. `cr8` is the value both
         // agreed on last.

@@ -17,6 +17,17 @@ pub trait TimerDevice: Send + Sync {
     fn fire(&self, now: u64);
 }
 
+/// Asks the kernel to wake the calling thread within a microsecond of its
+/// timeouts instead of the default 50 µs slack: a halted vCPU waiting for a
+/// 20 µs LAPIC timer must not sleep three times as long.
+pub fn tight_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only the
+    // calling thread's timer slack; no memory is passed.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong);
+    }
+}
+
 #[derive(Default)]
 pub struct TimerSet {
     timers: RwLock<Vec<Arc<dyn TimerDevice>>>,
@@ -81,6 +92,7 @@ impl TimerSet {
         std::thread::Builder::new()
             .name("tandem-timers".into())
             .spawn(move || {
+                tight_timer_slack();
                 let mut rung: Option<u64> = None;
                 while !stop() {
                     let now = clock.now_ns();
