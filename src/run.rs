@@ -125,6 +125,7 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     }
     pc.start_host_threads()
         .context("cannot start the machine's threads")?;
+    pc.start_stdin().context("cannot read stdin")?;
 
     let mut stats = ExitStats::default();
     let result = pc.machine.run_vcpu(&mut vcpu, &mut stats);

@@ -104,3 +104,36 @@ fn dump_devices_at_exit() {
         );
     }
 }
+
+#[test]
+fn stdin_reaches_com1() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    if !kvm_or_skip("stdin_reaches_com1") {
+        return;
+    }
+    let mut child = Command::new(TANDEM)
+        .args(["run", guest("echo").to_str().unwrap(), "--backend", "kvm"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "echo: ready\n");
+    // Typed after the guest said it is ready, as a person would.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello from the host\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    for l in out.lines() {
+        rest.push_str(&l.unwrap());
+        rest.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(rest.starts_with("echo: hello from the host\n"), "{rest}");
+    assert!(rest.contains("SUMMARY: 1 passed, 0 failed"), "{rest}");
+    assert_eq!(status.code(), Some(1));
+}
