@@ -1,6 +1,11 @@
 //! tandem-decoder: x86 decoding with iced-x86, shared by the interpreter, the
 //! debugger and error messages (the instruction at a fault).
 
+pub mod cache;
+
+pub use cache::{decode_at_zero, DecodeCache};
+pub use iced_x86;
+
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
 
 /// One decoded instruction, formatted.
