@@ -18,7 +18,14 @@ use crate::bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
 use crate::clock::{HostClock, SharedClock, VirtualClock};
 use crate::control::MachineControl;
 use crate::cpu::Msr;
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, DEFAULT_S5_SLP_TYP, SCI_IRQ};
 use crate::devices::apic_router::ApicRouter;
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
+use crate::devices::pci::{PciHost, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
+use crate::devices::testdev::{
+    SetIrqLine, TestdevIoport, TestdevIrq, TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS,
+    TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT,
+};
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
 use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
 use crate::devices::i8042::{i8042_ports, I8042, KEYBOARD_IRQ};
@@ -141,6 +148,7 @@ pub struct Pc {
     /// `None` with `IrqchipKind::Kernel`.
     pub irqchip: Option<UserIrqchip>,
     pub cmos: Arc<Mutex<Cmos>>,
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_threads: Arc<AtomicBool>,
 }
@@ -295,6 +303,54 @@ impl Pc {
             pio.insert(dev, base, 1)?;
         }
 
+        // ACPI PM block (PM timer, PM1 control with S5 poweroff, SCI on
+        // IRQ 9), PCI configuration mechanism #1 with the i440FX and PIIX3
+        // (and the 0xCF9 reset control), fw_cfg, pc-testdev.
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+            isa.line(SCI_IRQ),
+            clock.clone(),
+            control.clone(),
+            DEFAULT_S5_SLP_TYP,
+        )));
+        pio.insert(
+            rearming(acpi_pm.clone(), &timers),
+            ACPI_PM_BASE,
+            ACPI_PM_PORTS,
+        )?;
+        timers.add(acpi_pm.clone());
+        pio.insert(
+            Arc::new(Mutex::new(PciHost::new(control.clone(), cfg.mem_size))),
+            PCI_CONFIG_PORT,
+            PCI_CONFIG_PORTS,
+        )?;
+        let fw_cfg = Arc::new(Mutex::new(FwCfg::new(cfg.mem_size, cfg.vcpus as u16)));
+        pio.insert(fw_cfg.clone(), FW_CFG_PORT, FW_CFG_PORTS)?;
+        pio.insert(
+            Arc::new(Mutex::new(TestdevIoport::new())),
+            TESTDEV_IOPORT,
+            TESTDEV_IOPORT_PORTS,
+        )?;
+        {
+            let ioapic = irqchip.as_ref().map(|c| Arc::downgrade(&c.ioapic));
+            let isa = isa.clone();
+            // Lines 0-15 are ISA IRQs (PIC n and IOAPIC pin n, IRQ 0 to
+            // pin 2); 16-23 reach IOAPIC pins directly, as QEMU's GSIs.
+            let set_line: SetIrqLine = Arc::new(move |n, level| {
+                if n < 16 {
+                    isa.set(n, level)
+                } else if let Some(io) = ioapic.as_ref().and_then(Weak::upgrade) {
+                    io.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .set_gsi(u32::from(n), level);
+                }
+            });
+            pio.insert(
+                Arc::new(Mutex::new(TestdevIrq::new(set_line))),
+                TESTDEV_IRQ_PORT,
+                TESTDEV_IRQ_LINES,
+            )?;
+        }
+
         // isa-debug-exit and the POST port.
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(control.clone()))),
@@ -340,6 +396,7 @@ impl Pc {
             serial,
             irqchip,
             cmos,
+            fw_cfg,
             threads: Mutex::new(Vec::new()),
             stop_threads: Arc::new(AtomicBool::new(false)),
         };

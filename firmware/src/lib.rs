@@ -12,3 +12,11 @@ pub use e820::{e820_map, E820Entry, E820Kind};
 pub use multiboot::{
     load_multiboot, multiboot_entry_state, LoadedModule, Module, MultibootBoot, MultibootError,
 };
+pub mod linux;
+pub mod pvh;
+pub use linux::{linux_entry_state, load_bzimage, LinuxBoot, LinuxError};
+pub use pvh::{load_pvh, pvh_entry_state, PvhBoot, PvhError};
+pub mod acpi;
+pub mod mptable;
+pub use acpi::{build_acpi, write_acpi, AcpiConfig, AcpiError, AcpiLayout, AcpiTables};
+pub use mptable::{build_mptable, write_mptable, MpTableError, MpTableLayout};
