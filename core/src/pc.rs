@@ -20,19 +20,19 @@ use crate::control::MachineControl;
 use crate::cpu::Msr;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, DEFAULT_S5_SLP_TYP, SCI_IRQ};
 use crate::devices::apic_router::ApicRouter;
-use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
-use crate::devices::pci::{PciHost, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
-use crate::devices::testdev::{
-    SetIrqLine, TestdevIoport, TestdevIrq, TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS,
-    TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT,
-};
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
 use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
+use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
 use crate::devices::i8042::{i8042_ports, I8042, KEYBOARD_IRQ};
 use crate::devices::ioapic::{IoApic, IoApicIrqSink, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
+use crate::devices::pci::{PciHost, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
 use crate::devices::pic::{Pic, PicIrqSink};
 use crate::devices::pit::{LostTickPolicy, Pit, PitTimer};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_IRQ, UART_PORTS};
+use crate::devices::testdev::{
+    SetIrqLine, TestdevIoport, TestdevIrq, TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS, TESTDEV_IRQ_LINES,
+    TESTDEV_IRQ_PORT,
+};
 use crate::irq::IsaIrqRouter;
 use crate::ladder::{InterruptSource, NoInterrupts};
 use crate::machine::{LocalMmio, Machine, MsrHandler};
