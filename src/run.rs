@@ -91,9 +91,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 
     let outcome = match backend {
         Backend::Kvm => run_kvm(&pc, &state, args)?,
-        Backend::Interp => {
-            bail!("the interpreter backend is not built yet; use --backend kvm")
-        }
+        Backend::Interp => run_interp(&pc, &state, args)?,
     };
     Ok(report(&pc, &outcome))
 }
@@ -142,6 +140,34 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     match result {
         Ok(o) => Ok(o),
         Err(e) => Err(explain_run_error(pc, e, flavour)),
+    }
+}
+
+fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
+    let mut vcpu = tandem_interp::InterpVcpu::new(0, pc.machine.mem.clone());
+    vcpu.set_state(state)
+        .context("cannot load the entry state into the interpreter")?;
+    pc.start_host_threads()
+        .context("cannot start the machine's threads")?;
+    pc.start_stdin().context("cannot read stdin")?;
+
+    let mut stats = ExitStats::default();
+    let result = pc.machine.run_vcpu(&mut vcpu, &mut stats);
+    pc.stop_host_threads();
+    if args.stats {
+        eprintln!("tandem: exits: {stats:?}");
+        eprintln!(
+            "tandem: interp: {} instructions retired, decode cache (hits, misses) {:?}",
+            vcpu.retired(),
+            vcpu.cache_stats()
+        );
+    }
+    if args.dump_devices {
+        eprint!("{}", pc.dump_devices());
+    }
+    match result {
+        Ok(o) => Ok(o),
+        Err(e) => Err(explain_run_error(pc, e, None)),
     }
 }
 

@@ -1,1 +1,739 @@
-//! placeholder
+//! tandem-interp: the interpreter processor.
+//!
+//! An x86-64 processor in software behind the same VMX-shaped [`Vcpu`]
+//! interface as the KVM backend. Guest RAM is read and written through the
+//! bounds-checked accessors of [`GuestMemory`]; port I/O, accesses to
+//! guest-physical addresses that are not RAM and the MSRs the machine owns
+//! end the run with the same exits KVM gives, and the run loop completes them.
+//!
+//! How an exit that needs data completes: every access that leaves the
+//! processor is appended to a small per-instruction log. The instruction
+//! stops with the exit (RIP still at the instruction); the run loop fills
+//! [`Vcpu::io_data`] / [`Vcpu::mmio_data`] or answers the MSR, and at the next
+//! `run()` (or `readiness()`, see below) the instruction executes again from
+//! the start: the accesses already in the log are answered from it, in order,
+//! and only a new access can stop it again. A read-modify-write of MMIO
+//! therefore makes a read exit then a write exit. Instructions write their
+//! registers after their last access, so the replay sees the state it saw
+//! the first time. REP string instructions commit each iteration (RCX, RSI,
+//! RDI), as the SDM allows an interrupt to do between iterations.
+//!
+//! Event semantics follow the SDM (vol. 3, chapter 6 and 25-26 for VM entry
+//! event injection): an injected event is delivered at the next `run()`
+//! before any instruction; interrupt / NMI windows exit at the first
+//! instruction boundary where the event could be taken; STI and MOV SS block
+//! for one instruction; NMI blocking lasts from NMI delivery to the next IRET.
+
+mod exec;
+mod flags;
+mod mmu;
+mod system;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use iced_x86::Mnemonic;
+use tandem_core::cpu::{
+    self, DebugRegs, Event, EventKind, FpuState, InjectedInterrupt, Interruptibility, MpState, Msr,
+    PendingException, Regs, Sregs, VcpuEvents,
+};
+use tandem_core::memory::GuestMemory;
+use tandem_core::vcpu::{Kick, Readiness, Vcpu, VcpuExit, VcpuResult};
+use tandem_decoder::DecodeCache;
+use thiserror::Error;
+
+pub use mmu::Tlb;
+
+/// Instructions one `run()` executes at most before returning
+/// [`VcpuExit::Kicked`], so that the run loop fires device timers.
+pub const RUN_BUDGET: u64 = 100_000;
+
+/// Errors of the interpreter's own setup.
+#[derive(Debug, Error)]
+pub enum InterpError {
+    #[error("the interpreter does not support {0}")]
+    Unsupported(String),
+}
+
+/// The kicker: a flag the interpreter polls at every instruction boundary.
+#[derive(Debug, Default)]
+pub struct InterpKick {
+    flag: AtomicBool,
+}
+
+impl Kick for InterpKick {
+    fn kick(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Why an instruction stopped before completing normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// A fault: RIP goes back to the instruction, then the exception is
+    /// delivered (#PF has set CR2 already).
+    Exc(u8, Option<u32>),
+    /// An exit with the instruction unfinished: it runs again afterwards.
+    Exit(VcpuExit),
+    /// The instruction completed and the run ends with this exit (HLT).
+    Done(VcpuExit),
+}
+
+pub(crate) type R<T> = Result<T, Stop>;
+
+/// Kinds of accesses that leave the processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ExtKind {
+    #[default]
+    PortIn,
+    PortOut,
+    MmioRead,
+    MmioWrite,
+    RdMsr,
+    WrMsr,
+}
+
+/// One completed (or awaited) external access of the current instruction.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Completion {
+    kind: ExtKind,
+    key: u64,
+    len: u8,
+    data: u64,
+    ok: bool,
+}
+
+const REPLAY_MAX: usize = 8;
+
+/// The interpreter's own MSRs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MsrFile {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub fmask: u64,
+    pub kernel_gs_base: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub pat: u64,
+    pub tsc_offset: u64,
+    pub tsc_aux: u64,
+    pub misc_enable: u64,
+}
+
+/// One interpreted processor.
+pub struct InterpVcpu {
+    id: u32,
+    pub(crate) mem: Arc<GuestMemory>,
+    pub(crate) gpr: [u64; 16],
+    pub(crate) rip: u64,
+    pub(crate) rflags: u64,
+    pub(crate) sregs: Sregs,
+    pub(crate) cr8: u64,
+    pub(crate) dr: DebugRegs,
+    fpu: FpuState,
+    pub(crate) msr: MsrFile,
+    /// Instructions retired (the TSC counts them, see `rdtsc`).
+    pub(crate) retired: u64,
+    /// Bitness of the current code segment (16, 32, 64).
+    pub(crate) bitness: u32,
+
+    // Event state (software VMX).
+    pending_event: Option<Event>,
+    irq_window: bool,
+    nmi_window: bool,
+    pub(crate) sti_shadow: bool,
+    pub(crate) mov_ss_shadow: bool,
+    /// The MOV SS shadow was active when the current instruction started
+    /// (a MOV SS in a MOV SS shadow does not extend it).
+    pub(crate) prev_mov_ss: bool,
+    pub(crate) nmi_blocked: bool,
+    deferred_exit: Option<VcpuExit>,
+
+    // Execution.
+    pub(crate) cache: Box<DecodeCache>,
+    pub(crate) tlb: Box<Tlb>,
+    /// RIP of the instruction executing and of the next one.
+    pub(crate) insn_rip: u64,
+    pub(crate) next_rip: u64,
+    pub(crate) insn_len: u64,
+    replay: [Completion; REPLAY_MAX],
+    replay_len: usize,
+    replay_pos: usize,
+    awaiting: bool,
+    io_buf: [u8; 8],
+    io_len: usize,
+    mmio_buf: [u8; 8],
+    mmio_len: usize,
+    kick: Arc<InterpKick>,
+    noted: Vec<Mnemonic>,
+}
+
+impl std::fmt::Debug for InterpVcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InterpVcpu")
+            .field("id", &self.id)
+            .field("rip", &self.rip)
+            .field("rflags", &self.rflags)
+            .field("retired", &self.retired)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InterpVcpu {
+    /// A processor with index `id` (= initial APIC ID) over `mem`, in the
+    /// reset state (load a real entry state with `set_state`).
+    pub fn new(id: u32, mem: Arc<GuestMemory>) -> InterpVcpu {
+        let mut sregs = Sregs {
+            cs: cpu::Segment::real_mode(0xf000, true),
+            ds: cpu::Segment::real_mode(0, false),
+            es: cpu::Segment::real_mode(0, false),
+            fs: cpu::Segment::real_mode(0, false),
+            gs: cpu::Segment::real_mode(0, false),
+            ss: cpu::Segment::real_mode(0, false),
+            cr0: cpu::cr0::ET,
+            apic_base: 0xfee0_0900,
+            ..Default::default()
+        };
+        sregs.cs.base = 0xffff_0000;
+        let mut v = InterpVcpu {
+            id,
+            mem,
+            gpr: [0; 16],
+            rip: 0xfff0,
+            rflags: cpu::rflags::FIXED1,
+            sregs,
+            cr8: 0,
+            dr: DebugRegs {
+                dr6: 0xffff_0ff0,
+                dr7: 0x400,
+                ..Default::default()
+            },
+            fpu: FpuState::default(),
+            msr: MsrFile {
+                pat: 0x0007_0406_0007_0406,
+                misc_enable: 1,
+                ..Default::default()
+            },
+            retired: 0,
+            bitness: 16,
+            pending_event: None,
+            irq_window: false,
+            nmi_window: false,
+            sti_shadow: false,
+            mov_ss_shadow: false,
+            prev_mov_ss: false,
+            nmi_blocked: false,
+            deferred_exit: None,
+            cache: Box::new(DecodeCache::new()),
+            tlb: Box::default(),
+            insn_rip: 0,
+            next_rip: 0,
+            insn_len: 0,
+            replay: [Completion::default(); REPLAY_MAX],
+            replay_len: 0,
+            replay_pos: 0,
+            awaiting: false,
+            io_buf: [0; 8],
+            io_len: 0,
+            mmio_buf: [0; 8],
+            mmio_len: 0,
+            kick: Arc::new(InterpKick::default()),
+            noted: Vec::new(),
+        };
+        v.mode_changed();
+        v
+    }
+
+    /// Instructions retired so far.
+    pub fn retired(&self) -> u64 {
+        self.retired
+    }
+
+    /// Decoded-instruction cache statistics (hits, misses).
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (self.cache.hits, self.cache.misses)
+    }
+
+    /// Drops the cached instructions of the page holding `gpa`: call it when
+    /// something other than this processor wrote guest code.
+    pub fn invalidate_page(&mut self, gpa: u64) {
+        self.cache.invalidate_page(gpa);
+    }
+
+    /// CPL: CS.DPL in protected mode, 0 in real mode.
+    #[inline]
+    pub(crate) fn cpl(&self) -> u8 {
+        self.sregs.cpl()
+    }
+
+    /// Recomputes what depends on CS, CR0 and EFER.
+    pub(crate) fn mode_changed(&mut self) {
+        let s = &self.sregs;
+        self.bitness =
+            tandem_decoder::bitness(s.long_mode(), s.cs.l, s.cs.db, s.cr0 & cpu::cr0::PE != 0);
+    }
+
+    /// Prints one note per mnemonic the interpreter does not implement.
+    pub(crate) fn note_unimplemented(&mut self, m: Mnemonic) {
+        if !self.noted.contains(&m) {
+            self.noted.push(m);
+            eprintln!(
+                "tandem: interp: {m:?} is not implemented; delivering #UD to the guest at {:#x}",
+                self.insn_rip
+            );
+        }
+    }
+
+    /// An access that leaves the processor (port I/O, MMIO, machine MSR).
+    /// Answers from the replay log when this instruction already made it;
+    /// otherwise logs it and stops the instruction with its exit.
+    pub(crate) fn external(
+        &mut self,
+        kind: ExtKind,
+        key: u64,
+        len: u8,
+        wdata: u64,
+    ) -> R<(u64, bool)> {
+        if self.replay_pos < self.replay_len {
+            let c = self.replay[self.replay_pos];
+            self.replay_pos += 1;
+            if c.kind == kind && c.key == key && c.len == len {
+                return Ok((c.data, c.ok));
+            }
+            // The instruction took another path (guest memory changed under
+            // it): forget what followed.
+            self.replay_len = self.replay_pos - 1;
+            self.replay_pos = self.replay_len;
+        }
+        if self.replay_len >= REPLAY_MAX {
+            return Err(Stop::Exit(VcpuExit::Unhandled(format!(
+                "instruction at {:#x} makes more than {REPLAY_MAX} port, MMIO or MSR accesses",
+                self.insn_rip
+            ))));
+        }
+        self.replay[self.replay_len] = Completion {
+            kind,
+            key,
+            len,
+            data: wdata,
+            ok: true,
+        };
+        self.replay_len += 1;
+        self.replay_pos = self.replay_len;
+        self.awaiting = true;
+        let n = usize::from(len.min(8));
+        let exit = match kind {
+            ExtKind::PortIn => {
+                self.io_len = n;
+                self.io_buf = [0; 8];
+                VcpuExit::IoIn {
+                    port: key as u16,
+                    size: len,
+                    count: 1,
+                }
+            }
+            ExtKind::PortOut => {
+                self.io_len = n;
+                self.io_buf = wdata.to_le_bytes();
+                VcpuExit::IoOut {
+                    port: key as u16,
+                    size: len,
+                    count: 1,
+                }
+            }
+            ExtKind::MmioRead => {
+                self.mmio_len = n;
+                self.mmio_buf = [0; 8];
+                VcpuExit::MmioRead { addr: key, len }
+            }
+            ExtKind::MmioWrite => {
+                self.mmio_len = n;
+                self.mmio_buf = wdata.to_le_bytes();
+                VcpuExit::MmioWrite { addr: key, len }
+            }
+            ExtKind::RdMsr => VcpuExit::RdMsr { index: key as u32 },
+            ExtKind::WrMsr => VcpuExit::WrMsr {
+                index: key as u32,
+                value: wdata,
+            },
+        };
+        Err(Stop::Exit(exit))
+    }
+
+    /// Takes the run loop's answer to the last exit into the replay log.
+    fn absorb_completion(&mut self) {
+        if !self.awaiting {
+            return;
+        }
+        self.awaiting = false;
+        let Some(last) = self.replay_len.checked_sub(1) else {
+            return;
+        };
+        let c = &mut self.replay[last];
+        match c.kind {
+            ExtKind::PortIn => c.data = u64::from_le_bytes(self.io_buf),
+            ExtKind::MmioRead => c.data = u64::from_le_bytes(self.mmio_buf),
+            _ => {}
+        }
+    }
+
+    /// Executes one instruction with the interrupt-shadow bookkeeping.
+    /// `Ok(None)`: it retired (or delivered its exception); `Ok(Some(exit))`:
+    /// the run ends.
+    fn step(&mut self) -> Option<VcpuExit> {
+        self.prev_mov_ss = self.mov_ss_shadow;
+        let (sti, movss) = (self.sti_shadow, self.mov_ss_shadow);
+        self.sti_shadow = false;
+        self.mov_ss_shadow = false;
+        let start = self.rip;
+        self.replay_pos = 0;
+        match self.exec_one() {
+            Ok(()) => {
+                self.replay_len = 0;
+                self.retired += 1;
+                None
+            }
+            Err(Stop::Done(exit)) => {
+                self.replay_len = 0;
+                self.retired += 1;
+                Some(exit)
+            }
+            Err(Stop::Exit(exit)) => {
+                // Unfinished: the shadows still hold for its re-execution.
+                self.rip = start;
+                self.sti_shadow = sti;
+                self.mov_ss_shadow = movss;
+                Some(exit)
+            }
+            Err(Stop::Exc(vector, error_code)) => {
+                self.replay_len = 0;
+                self.rip = start;
+                self.raise(Event::exception(vector, error_code))
+            }
+        }
+    }
+
+    /// Delivers `event` with the SDM's double-fault rules (vol. 3, table
+    /// 6-5): a contributory exception or #PF during the delivery of a
+    /// contributory exception or #PF becomes #DF; a fault delivering #DF is a
+    /// triple fault (shutdown). Returns an exit when the run must end.
+    fn raise(&mut self, event: Event) -> Option<VcpuExit> {
+        let mut ev = event;
+        loop {
+            match self.deliver(&ev) {
+                Ok(()) => return None,
+                Err(Stop::Exc(v2, e2)) => {
+                    if ev.kind == EventKind::HardwareException && ev.vector == 8 {
+                        return Some(VcpuExit::Shutdown);
+                    }
+                    let contributory = |v: u8| matches!(v, 0 | 10 | 11 | 12 | 13);
+                    let first_hw = ev.kind == EventKind::HardwareException;
+                    let df = first_hw
+                        && ((contributory(ev.vector) && contributory(v2))
+                            || (ev.vector == 14 && (contributory(v2) || v2 == 14)));
+                    ev = if df {
+                        Event::exception(8, Some(0))
+                    } else {
+                        Event::exception(v2, e2)
+                    };
+                }
+                Err(Stop::Exit(e)) | Err(Stop::Done(e)) => return Some(e),
+            }
+        }
+    }
+
+    /// The interruptibility state for `get_events`.
+    fn interruptibility(&self) -> Interruptibility {
+        Interruptibility {
+            sti: self.sti_shadow,
+            mov_ss: self.mov_ss_shadow,
+            nmi: self.nmi_blocked,
+        }
+    }
+
+    /// Finishes an instruction an exit left unfinished, so that the state
+    /// (and a shadow it creates) is architectural before the VMM looks at
+    /// it. An exit it needs is kept for the next `run()`.
+    fn finish_in_progress(&mut self) {
+        self.absorb_completion();
+        if self.deferred_exit.is_none() && self.replay_len > 0 {
+            self.deferred_exit = self.step();
+        }
+    }
+}
+
+impl Vcpu for InterpVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn backend(&self) -> &'static str {
+        "interp"
+    }
+
+    fn run(&mut self) -> VcpuResult<VcpuExit> {
+        if self.kick.flag.swap(false, Ordering::SeqCst) {
+            return Ok(VcpuExit::Kicked);
+        }
+        self.finish_in_progress();
+        if let Some(e) = self.deferred_exit.take() {
+            return Ok(e);
+        }
+        if let Some(ev) = self.pending_event.take() {
+            if ev.kind == EventKind::Nmi {
+                self.nmi_blocked = true;
+            }
+            if let Some(exit) = self.raise(ev) {
+                return Ok(exit);
+            }
+        }
+        let mut n = 0u64;
+        loop {
+            if self.kick.flag.load(Ordering::Relaxed) {
+                self.kick.flag.store(false, Ordering::SeqCst);
+                return Ok(VcpuExit::Kicked);
+            }
+            if self.irq_window
+                && self.rflags & cpu::rflags::IF != 0
+                && !self.sti_shadow
+                && !self.mov_ss_shadow
+            {
+                return Ok(VcpuExit::InterruptWindow);
+            }
+            if self.nmi_window && !self.nmi_blocked && !self.mov_ss_shadow {
+                return Ok(VcpuExit::NmiWindow);
+            }
+            if n >= RUN_BUDGET {
+                return Ok(VcpuExit::Kicked);
+            }
+            n += 1;
+            if let Some(exit) = self.step() {
+                return Ok(exit);
+            }
+        }
+    }
+
+    fn io_data(&mut self) -> &mut [u8] {
+        &mut self.io_buf[..self.io_len]
+    }
+
+    fn mmio_data(&mut self) -> &mut [u8] {
+        &mut self.mmio_buf[..self.mmio_len]
+    }
+
+    fn complete_rdmsr(&mut self, value: Option<u64>) {
+        if let Some(last) = self.replay_len.checked_sub(1) {
+            let c = &mut self.replay[last];
+            if c.kind == ExtKind::RdMsr {
+                c.data = value.unwrap_or(0);
+                c.ok = value.is_some();
+            }
+        }
+    }
+
+    fn complete_wrmsr(&mut self, ok: bool) {
+        if let Some(last) = self.replay_len.checked_sub(1) {
+            let c = &mut self.replay[last];
+            if c.kind == ExtKind::WrMsr {
+                c.ok = ok;
+            }
+        }
+    }
+
+    fn cr8(&mut self) -> u64 {
+        self.cr8
+    }
+
+    fn set_cr8(&mut self, cr8: u64) {
+        self.cr8 = cr8 & 0xf;
+    }
+
+    fn readiness(&mut self) -> VcpuResult<Readiness> {
+        self.finish_in_progress();
+        let if_flag = self.rflags & cpu::rflags::IF != 0;
+        let busy = self.deferred_exit.is_some() || self.pending_event.is_some();
+        Ok(Readiness {
+            if_flag,
+            interrupt: if_flag && !self.sti_shadow && !self.mov_ss_shadow && !busy,
+            nmi: !self.nmi_blocked && !self.mov_ss_shadow && !busy,
+        })
+    }
+
+    fn inject(&mut self, event: Event) -> VcpuResult<()> {
+        self.pending_event = Some(event);
+        Ok(())
+    }
+
+    fn set_interrupt_window_exiting(&mut self, on: bool) {
+        self.irq_window = on;
+    }
+
+    fn set_nmi_window_exiting(&mut self, on: bool) {
+        self.nmi_window = on;
+    }
+
+    fn idt_vectoring(&mut self) -> Option<Event> {
+        // Deliveries are not cut short by exits in this milestone: an IDT,
+        // GDT, TSS or stack outside RAM ends the run (see `system.rs`).
+        None
+    }
+
+    fn get_regs(&mut self) -> VcpuResult<Regs> {
+        let g = &self.gpr;
+        Ok(Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: self.rip,
+            rflags: self.rflags,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> VcpuResult<()> {
+        self.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        self.rip = r.rip;
+        self.rflags = (r.rflags & flags::SETTABLE) | cpu::rflags::FIXED1;
+        self.replay_len = 0;
+        self.awaiting = false;
+        Ok(())
+    }
+
+    fn get_sregs(&mut self) -> VcpuResult<Sregs> {
+        let mut s = self.sregs;
+        s.cr8 = self.cr8;
+        Ok(s)
+    }
+
+    fn set_sregs(&mut self, s: &Sregs) -> VcpuResult<()> {
+        self.sregs = *s;
+        self.cr8 = s.cr8 & 0xf;
+        self.tlb.flush();
+        self.mode_changed();
+        Ok(())
+    }
+
+    fn get_debug_regs(&mut self) -> VcpuResult<DebugRegs> {
+        Ok(self.dr)
+    }
+
+    fn set_debug_regs(&mut self, dr: &DebugRegs) -> VcpuResult<()> {
+        self.dr = *dr;
+        Ok(())
+    }
+
+    fn get_fpu(&mut self) -> VcpuResult<FpuState> {
+        Ok(self.fpu.clone())
+    }
+
+    fn set_fpu(&mut self, fpu: &FpuState) -> VcpuResult<()> {
+        self.fpu = fpu.clone();
+        Ok(())
+    }
+
+    fn get_msrs(&mut self, indices: &[u32]) -> VcpuResult<Vec<Msr>> {
+        Ok(indices
+            .iter()
+            .filter_map(|&index| self.own_msr_read(index).map(|value| Msr { index, value }))
+            .collect())
+    }
+
+    fn set_msrs(&mut self, msrs: &[Msr]) -> VcpuResult<()> {
+        for m in msrs {
+            // Values another processor accepted; an unknown one is skipped.
+            let _ = self.own_msr_write(m.index, m.value);
+        }
+        Ok(())
+    }
+
+    fn get_events(&mut self) -> VcpuResult<VcpuEvents> {
+        let mut e = VcpuEvents {
+            interruptibility: self.interruptibility(),
+            ..Default::default()
+        };
+        if let Some(ev) = self.pending_event {
+            match ev.kind {
+                EventKind::HardwareException
+                | EventKind::SoftwareException
+                | EventKind::PrivilegedSoftwareException => {
+                    e.exception = Some(PendingException {
+                        vector: ev.vector,
+                        error_code: ev.error_code,
+                        injected: true,
+                        payload: None,
+                    })
+                }
+                EventKind::Nmi => e.nmi_injected = true,
+                EventKind::External => {
+                    e.interrupt = Some(InjectedInterrupt {
+                        vector: ev.vector,
+                        soft: false,
+                    })
+                }
+                EventKind::SoftwareInterrupt => {
+                    e.interrupt = Some(InjectedInterrupt {
+                        vector: ev.vector,
+                        soft: true,
+                    })
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    fn set_events(&mut self, e: &VcpuEvents) -> VcpuResult<()> {
+        self.sti_shadow = e.interruptibility.sti;
+        self.mov_ss_shadow = e.interruptibility.mov_ss;
+        self.nmi_blocked = e.interruptibility.nmi;
+        self.pending_event = if let Some(x) = e.exception {
+            Some(Event::exception(x.vector, x.error_code))
+        } else if e.nmi_injected {
+            Some(Event::nmi())
+        } else {
+            e.interrupt.map(|i| Event {
+                kind: if i.soft {
+                    EventKind::SoftwareInterrupt
+                } else {
+                    EventKind::External
+                },
+                vector: i.vector,
+                error_code: None,
+                instruction_len: 0,
+            })
+        };
+        Ok(())
+    }
+
+    fn get_mp_state(&mut self) -> VcpuResult<MpState> {
+        // HLT is an exit the run loop waits on, as on KVM without an
+        // in-kernel LAPIC.
+        Ok(MpState::Runnable)
+    }
+
+    fn set_mp_state(&mut self, _state: MpState) -> VcpuResult<()> {
+        Ok(())
+    }
+
+    fn kicker(&self) -> Arc<dyn Kick> {
+        self.kick.clone()
+    }
+}

@@ -127,6 +127,9 @@ pub mod offsets {
     pub const RELOCATABLE_KERNEL: usize = 0x234;
     pub const XLOADFLAGS: usize = 0x236;
     pub const CMDLINE_SIZE: usize = 0x238;
+    pub const HARDWARE_SUBARCH: usize = 0x23C;
+    pub const HARDWARE_SUBARCH_DATA: usize = 0x240;
+    pub const SETUP_DATA: usize = 0x250;
     pub const PREF_ADDRESS: usize = 0x258;
     pub const INIT_SIZE: usize = 0x260;
     pub const E820_TABLE: usize = 0x2D0;
@@ -459,6 +462,11 @@ pub fn load_bzimage(
     bp[offsets::SETUP_SECTS..offsets::SETUP_SECTS + header_bytes.len()]
         .copy_from_slice(header_bytes);
     let put32 = |bp: &mut [u8], at: usize, v: u32| bp[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    // Fields the loader owns: a plain PC (subarch 0), no setup_data list,
+    // whatever the image's bytes there say.
+    bp[offsets::HARDWARE_SUBARCH..offsets::HARDWARE_SUBARCH + 4].fill(0);
+    bp[offsets::HARDWARE_SUBARCH_DATA..offsets::HARDWARE_SUBARCH_DATA + 8].fill(0);
+    bp[offsets::SETUP_DATA..offsets::SETUP_DATA + 8].fill(0);
     bp[offsets::TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED;
     bp[offsets::LOADFLAGS] |= loadflags::CAN_USE_HEAP;
     bp[offsets::HEAP_END_PTR..offsets::HEAP_END_PTR + 2]

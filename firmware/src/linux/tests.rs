@@ -52,6 +52,9 @@ fn bzimage() -> Vec<u8> {
     put32(&mut img, offsets::CMDLINE_SIZE, 2048);
     put64(&mut img, offsets::PREF_ADDRESS, 0x100_0000);
     put32(&mut img, offsets::INIT_SIZE, INIT_SIZE);
+    // Junk in fields the loader owns; it must not reach boot_params.
+    put64(&mut img, offsets::SETUP_DATA, 0xDEAD_BEEF);
+    put32(&mut img, offsets::HARDWARE_SUBARCH, 7);
     img.extend(pattern(PAYLOAD_LEN, 7));
     img
 }
@@ -90,6 +93,8 @@ fn loads_kernel_initrd_and_cmdline() {
     assert_eq!(le32(&bp, offsets::INIT_SIZE), INIT_SIZE);
     assert_eq!(le64(&bp, offsets::PREF_ADDRESS), 0x100_0000);
     assert_eq!(bp[offsets::TYPE_OF_LOADER], 0xFF);
+    assert_eq!(le64(&bp, offsets::SETUP_DATA), 0);
+    assert_eq!(le32(&bp, offsets::HARDWARE_SUBARCH), 0);
     assert_eq!(
         bp[offsets::LOADFLAGS],
         loadflags::LOADED_HIGH | loadflags::CAN_USE_HEAP

@@ -1,0 +1,116 @@
+//! Arithmetic flags, computed eagerly as the SDM defines them per
+//! instruction (vol. 2, each instruction's "Flags Affected").
+
+pub const CF: u64 = 1 << 0;
+pub const PF: u64 = 1 << 2;
+pub const AF: u64 = 1 << 4;
+pub const ZF: u64 = 1 << 6;
+pub const SF: u64 = 1 << 7;
+pub const TF: u64 = 1 << 8;
+pub const IF: u64 = 1 << 9;
+pub const DF: u64 = 1 << 10;
+pub const OF: u64 = 1 << 11;
+pub const IOPL: u64 = 3 << 12;
+pub const NT: u64 = 1 << 14;
+pub const RF: u64 = 1 << 16;
+pub const VM: u64 = 1 << 17;
+pub const AC: u64 = 1 << 18;
+pub const VIF: u64 = 1 << 19;
+pub const VIP: u64 = 1 << 20;
+pub const ID: u64 = 1 << 21;
+/// The six status flags.
+pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
+/// Bits software can hold in RFLAGS.
+pub const SETTABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | VM | AC | VIF | VIP | ID;
+
+/// All-ones mask of an operand of `size` bytes.
+#[inline]
+pub fn mask(size: usize) -> u64 {
+    match size {
+        1 => 0xff,
+        2 => 0xffff,
+        4 => 0xffff_ffff,
+        _ => u64::MAX,
+    }
+}
+
+/// The sign bit of an operand of `size` bytes.
+#[inline]
+pub fn sign(size: usize) -> u64 {
+    match size {
+        1 => 0x80,
+        2 => 0x8000,
+        4 => 0x8000_0000,
+        _ => 1 << 63,
+    }
+}
+
+/// Sign-extends the low `size` bytes of `v`.
+#[inline]
+pub fn sext(v: u64, size: usize) -> u64 {
+    match size {
+        1 => v as u8 as i8 as i64 as u64,
+        2 => v as u16 as i16 as i64 as u64,
+        4 => v as u32 as i32 as i64 as u64,
+        _ => v,
+    }
+}
+
+/// PF, ZF and SF of result `r` (already masked to `size`).
+#[inline]
+pub fn szp(r: u64, size: usize) -> u64 {
+    let mut f = 0;
+    if (r as u8).count_ones() % 2 == 0 {
+        f |= PF;
+    }
+    if r & mask(size) == 0 {
+        f |= ZF;
+    }
+    if r & sign(size) != 0 {
+        f |= SF;
+    }
+    f
+}
+
+/// Flags of `a + b + carry` = `r` (ADD, ADC, INC without CF).
+#[inline]
+pub fn add(a: u64, b: u64, carry: u64, r: u64, size: usize) -> u64 {
+    let m = mask(size);
+    let (a, b, r) = (a & m, b & m, r & m);
+    let mut f = szp(r, size);
+    if r < a || (carry != 0 && r == a) {
+        f |= CF;
+    }
+    if (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
+    }
+    if (a ^ r) & (b ^ r) & sign(size) != 0 {
+        f |= OF;
+    }
+    f
+}
+
+/// Flags of `a - b - borrow` = `r` (SUB, SBB, CMP, NEG, DEC without CF).
+#[inline]
+pub fn sub(a: u64, b: u64, borrow: u64, r: u64, size: usize) -> u64 {
+    let m = mask(size);
+    let (a, b, r) = (a & m, b & m, r & m);
+    let mut f = szp(r, size);
+    if a < b || (borrow != 0 && a == b) {
+        f |= CF;
+    }
+    if (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
+    }
+    if (a ^ b) & (a ^ r) & sign(size) != 0 {
+        f |= OF;
+    }
+    f
+}
+
+/// Flags of AND, OR, XOR, TEST: CF = OF = 0, SF ZF PF from the result. AF is
+/// undefined; Intel processors clear it, and so does this.
+#[inline]
+pub fn logic(r: u64, size: usize) -> u64 {
+    szp(r & mask(size), size)
+}

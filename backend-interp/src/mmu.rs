@@ -1,0 +1,352 @@
+//! Linear to guest-physical translation (SDM vol. 3, chapter 4), a small
+//! TLB, and the memory accesses of instructions: RAM through the bounds-
+//! checked `GuestMemory`, everything else as MMIO exits.
+
+use tandem_core::cpu::{cr0, efer};
+
+use crate::{ExtKind, InterpVcpu, Stop, R};
+
+const TLB_ENTRIES: usize = 256;
+/// MAXPHYADDR reported in CPUID 0x80000008 and used for reserved bits.
+pub const MAXPHYADDR: u32 = 46;
+const ADDR_MASK: u64 = ((1u64 << MAXPHYADDR) - 1) & !0xfff;
+
+/// How an access uses memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acc {
+    Read,
+    Write,
+    Exec,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct TlbEntry {
+    /// Linear page number + 1 (0 = empty).
+    tag: u64,
+    /// Guest-physical page base.
+    page: u64,
+    /// Writable, user and executable through every level; leaf dirty.
+    writable: bool,
+    user: bool,
+    nx: bool,
+    dirty: bool,
+}
+
+/// A direct-mapped TLB of 4 KiB translations (large pages are cached per
+/// 4 KiB piece). Flushed on MOV to CR0 / CR3 / CR4, EFER writes and task
+/// or mode changes; INVLPG drops one entry.
+#[derive(Debug)]
+pub struct Tlb {
+    entries: [TlbEntry; TLB_ENTRIES],
+    /// Bumped by every flush: the code-fetch shortcut is valid only within
+    /// one generation.
+    generation: u64,
+    /// The page instructions were last fetched from: (linear page number,
+    /// physical page, CPL 3, generation).
+    fetch: (u64, u64, bool, u64),
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Tlb {
+            entries: [TlbEntry::default(); TLB_ENTRIES],
+            generation: 0,
+            fetch: (u64::MAX, 0, false, u64::MAX),
+        }
+    }
+}
+
+impl Tlb {
+    pub fn flush(&mut self) {
+        self.entries = [TlbEntry::default(); TLB_ENTRIES];
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    pub fn flush_page(&mut self, la: u64) {
+        self.generation = self.generation.wrapping_add(1);
+        let vpn = la >> 12;
+        let e = &mut self.entries[(vpn as usize) % TLB_ENTRIES];
+        if e.tag == vpn + 1 {
+            *e = TlbEntry::default();
+        }
+    }
+}
+
+/// #PF error code bits (SDM vol. 3, 4.7).
+const PF_P: u32 = 1;
+const PF_W: u32 = 2;
+const PF_U: u32 = 4;
+const PF_RSVD: u32 = 8;
+const PF_I: u32 = 16;
+
+impl InterpVcpu {
+    /// Raises #PF for `la` with `err`, setting CR2.
+    fn page_fault(&mut self, la: u64, err: u32) -> Stop {
+        self.sregs.cr2 = la;
+        Stop::Exc(14, Some(err))
+    }
+
+    fn pf_bits(&self, acc: Acc, user: bool) -> u32 {
+        let mut e = 0;
+        if acc == Acc::Write {
+            e |= PF_W;
+        }
+        if user {
+            e |= PF_U;
+        }
+        if acc == Acc::Exec && self.sregs.efer & efer::NXE != 0 {
+            e |= PF_I;
+        }
+        e
+    }
+
+    /// Translates linear `la` for an access of kind `acc`; `user` is a CPL 3
+    /// access that is not an implicit supervisor access.
+    pub(crate) fn translate(&mut self, la: u64, acc: Acc, user: bool) -> R<u64> {
+        if self.sregs.cr0 & cr0::PG == 0 {
+            return Ok(la & 0xffff_ffff);
+        }
+        if self.sregs.efer & efer::LMA == 0 {
+            // Paging without long mode is not used by the guests of this
+            // milestone: translate without access rights or A/D updates.
+            return match tandem_core::paging::translate(&self.mem, &self.sregs, la) {
+                Some(pa) => Ok(pa),
+                None => Err(self.page_fault(la, self.pf_bits(acc, user))),
+            };
+        }
+        let vpn = la >> 12;
+        let idx = (vpn as usize) % TLB_ENTRIES;
+        let e = self.tlb.entries[idx];
+        // A write through an entry whose dirty bit is clear walks again to set it.
+        let needs_dirty = acc == Acc::Write && !e.dirty;
+        if e.tag == vpn.wrapping_add(1) && !needs_dirty {
+            if self.permitted(e.writable, e.user, e.nx, acc, user) {
+                return Ok(e.page | (la & 0xfff));
+            }
+            return Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)));
+        }
+        self.walk(la, acc, user)
+    }
+
+    fn permitted(&self, writable: bool, us: bool, nx: bool, acc: Acc, user: bool) -> bool {
+        if user && !us {
+            return false;
+        }
+        match acc {
+            Acc::Write => writable || (!user && self.sregs.cr0 & cr0::WP == 0),
+            Acc::Exec => !nx,
+            Acc::Read => true,
+        }
+    }
+
+    /// The 4-level walk (SDM vol. 3, 4.5) with accessed / dirty updates.
+    fn walk(&mut self, la: u64, acc: Acc, user: bool) -> R<u64> {
+        // A non-canonical address never reaches here: segmentation raised
+        // #GP / #SS first.
+        let nxe = self.sregs.efer & efer::NXE != 0;
+        let bits = self.pf_bits(acc, user);
+        let mut table = self.sregs.cr3 & ADDR_MASK;
+        let (mut writable, mut us, mut nx) = (true, true, false);
+        let levels: u32 = if self.sregs.cr4 & (1 << 12) != 0 {
+            5
+        } else {
+            4
+        };
+        for level in (1..=levels).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let ea = table + ((la >> shift) & 0x1ff) * 8;
+            let Ok(entry) = self.mem.read_u64(ea) else {
+                // A paging structure outside RAM reads as not present.
+                return Err(self.page_fault(la, bits));
+            };
+            if entry & 1 == 0 {
+                return Err(self.page_fault(la, bits));
+            }
+            let large = entry & 0x80 != 0 && (level == 2 || level == 3);
+            let mut rsvd = entry & ((1u64 << 52) - 1) & !((1u64 << MAXPHYADDR) - 1) != 0
+                || (!nxe && entry & (1 << 63) != 0)
+                || (entry & 0x80 != 0 && level >= 4);
+            if large {
+                let low = (1u64 << shift) - 1;
+                // Bits 12 (PAT) .. shift-1 of a large page's address are reserved.
+                rsvd |= entry & low & !0x1fff != 0;
+            }
+            if rsvd {
+                return Err(self.page_fault(la, PF_P | PF_RSVD | bits));
+            }
+            writable &= entry & 2 != 0;
+            us &= entry & 4 != 0;
+            nx |= nxe && entry & (1 << 63) != 0;
+            let leaf = level == 1 || large;
+            if !leaf {
+                if entry & 0x20 == 0 {
+                    let _ = self.mem.write_u64(ea, entry | 0x20);
+                }
+                table = entry & ADDR_MASK;
+                continue;
+            }
+            if !self.permitted(writable, us, nx, acc, user) {
+                return Err(self.page_fault(la, PF_P | bits));
+            }
+            let mut set = 0x20;
+            if acc == Acc::Write {
+                set |= 0x40;
+            }
+            if entry & set != set {
+                let _ = self.mem.write_u64(ea, entry | set);
+            }
+            let page_mask = (1u64 << shift) - 1;
+            let base = entry & ADDR_MASK & !page_mask;
+            let pa = base | (la & page_mask);
+            let vpn = la >> 12;
+            self.tlb.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
+                tag: vpn + 1,
+                page: pa & !0xfff,
+                writable,
+                user: us,
+                nx,
+                dirty: acc == Acc::Write || entry & 0x40 != 0,
+            };
+            return Ok(pa);
+        }
+        Err(self.page_fault(la, bits))
+    }
+
+    /// Reads `buf.len()` (at most 8) bytes at guest-physical `pa`: RAM
+    /// directly, anything else as an MMIO read exit.
+    pub(crate) fn phys_read(&mut self, pa: u64, buf: &mut [u8]) -> R<()> {
+        if self.mem.read(pa, buf).is_ok() {
+            return Ok(());
+        }
+        let n = buf.len().min(8);
+        let (v, _) = self.external(ExtKind::MmioRead, pa, n as u8, 0)?;
+        buf[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+        Ok(())
+    }
+
+    /// Writes `data` (at most 8 bytes) at guest-physical `pa`.
+    pub(crate) fn phys_write(&mut self, pa: u64, data: &[u8]) -> R<()> {
+        if self.mem.is_ram(pa, data.len() as u64) {
+            if self.cache.is_code_page(pa) {
+                self.cache.invalidate_page(pa);
+            }
+            let _ = self.mem.write(pa, data);
+            return Ok(());
+        }
+        let n = data.len().min(8);
+        let mut b = [0u8; 8];
+        b[..n].copy_from_slice(&data[..n]);
+        self.external(ExtKind::MmioWrite, pa, n as u8, u64::from_le_bytes(b))?;
+        Ok(())
+    }
+
+    /// Reads `size` (1..=8) bytes at linear `la`.
+    pub(crate) fn lin_read(&mut self, la: u64, size: usize, user: bool) -> R<u64> {
+        if size > 8 {
+            // Wider accesses belong to instructions not built yet.
+            return Err(Stop::Exc(6, None));
+        }
+        let mut b = [0u8; 8];
+        let first = (0x1000 - (la & 0xfff) as usize).min(size);
+        let pa = self.translate(la, Acc::Read, user)?;
+        if first == size {
+            self.phys_read(pa, &mut b[..size])?;
+        } else {
+            let la2 = la.wrapping_add(first as u64);
+            let pa2 = self.translate(la2, Acc::Read, user)?;
+            self.phys_read(pa, &mut b[..first])?;
+            self.phys_read(pa2, &mut b[first..size])?;
+        }
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Writes the low `size` (1..=8) bytes of `v` at linear `la`. Both pages
+    /// are translated before anything is written, so a #PF on the second
+    /// leaves memory unchanged.
+    pub(crate) fn lin_write(&mut self, la: u64, size: usize, v: u64, user: bool) -> R<()> {
+        if size > 8 {
+            return Err(Stop::Exc(6, None));
+        }
+        let b = v.to_le_bytes();
+        let first = (0x1000 - (la & 0xfff) as usize).min(size);
+        let pa = self.translate(la, Acc::Write, user)?;
+        if first == size {
+            self.phys_write(pa, &b[..size])
+        } else {
+            let la2 = la.wrapping_add(first as u64);
+            let pa2 = self.translate(la2, Acc::Write, user)?;
+            self.phys_write(pa, &b[..first])?;
+            self.phys_write(pa2, &b[first..size])
+        }
+    }
+
+    /// Checks that `la` can be written (translation and rights) without
+    /// writing it: a stack frame is probed before it is built.
+    pub(crate) fn probe_write(&mut self, la: u64, user: bool) -> R<()> {
+        self.translate(la, Acc::Write, user).map(|_| ())
+    }
+
+    /// Fetches the instruction at linear `la`: from the decoded-instruction
+    /// cache, or decoded from guest memory (and cached).
+    /// The instruction goes to `out` rather than through the `Result`,
+    /// which keeps the hot path free of large moves.
+    #[inline]
+    pub(crate) fn fetch(&mut self, la: u64, out: &mut iced_x86::Instruction) -> R<()> {
+        let user = self.cpl() == 3;
+        let vpn = la >> 12;
+        let (fvpn, fpage, fuser, fgen) = self.tlb.fetch;
+        let pa = if fvpn == vpn && fuser == user && fgen == self.tlb.generation {
+            fpage | (la & 0xfff)
+        } else {
+            let pa = self.translate(la, Acc::Exec, user)?;
+            self.tlb.fetch = (vpn, pa & !0xfff, user, self.tlb.generation);
+            pa
+        };
+        if let Some(i) = self.cache.lookup(pa, self.bitness) {
+            *out = *i;
+            return Ok(());
+        }
+        self.fetch_slow(la, pa, user, out)
+    }
+
+    #[inline(never)]
+    fn fetch_slow(
+        &mut self,
+        la: u64,
+        pa: u64,
+        user: bool,
+        out: &mut iced_x86::Instruction,
+    ) -> R<()> {
+        let mut bytes = [0u8; 15];
+        let in_page = (0x1000 - (pa & 0xfff) as usize).min(15);
+        if self.mem.read(pa, &mut bytes[..in_page]).is_err() {
+            return Err(Stop::Exit(tandem_core::vcpu::VcpuExit::Unhandled(format!(
+                "the interpreter cannot execute code outside RAM (linear {la:#x}, physical {pa:#x})"
+            ))));
+        }
+        let mut n = in_page;
+        let mut insn = tandem_decoder::decode_at_zero(&bytes[..n], self.bitness);
+        if insn.is_none() && n < 15 {
+            let la2 = la.wrapping_add(n as u64);
+            let pa2 = self.translate(la2, Acc::Exec, user)?;
+            if self.mem.read(pa2, &mut bytes[n..15]).is_ok() {
+                n = 15;
+                insn = tandem_decoder::decode_at_zero(&bytes[..n], self.bitness);
+            }
+        }
+        match insn {
+            Some(i) => {
+                self.cache.insert(pa, self.bitness, &i);
+                *out = i;
+                Ok(())
+            }
+            None => Err(Stop::Exc(6, None)),
+        }
+    }
+
+    /// CR0 / CR3 / CR4 / EFER changed: the TLB caches translations and
+    /// rights computed under them.
+    pub(crate) fn paging_changed(&mut self) {
+        self.tlb.flush();
+    }
+}
