@@ -800,33 +800,6 @@ fn mode_switch_from_protected_mode_to_long_mode() {
     assert_eq!(v.get_regs().unwrap().rip, u64::from(target) + 1);
 }
 
-/// Instructions per second on a register loop (run with
-/// `cargo test -p tandem-interp --release -- --ignored --nocapture mips`).
-#[test]
-#[ignore]
-fn mips() {
-    let mut v = with(|a| {
-        let mut l = a.create_label();
-        a.mov(ecx, 10_000_000)?;
-        a.set_label(&mut l)?;
-        a.add(eax, ebx)?;
-        a.xor(edx, eax)?;
-        a.mov(qword_ptr(rsp - 8), rdx)?;
-        a.dec(ecx)?;
-        a.jnz(l)?;
-        a.hlt()
-    });
-    let t = std::time::Instant::now();
-    while v.run().unwrap() != VcpuExit::Hlt {}
-    let s = t.elapsed().as_secs_f64();
-    let n = v.retired();
-    assert!(n > 50_000_000);
-    eprintln!(
-        "{n} instructions in {s:.3} s: {:.1} MIPS",
-        n as f64 / s / 1e6
-    );
-}
-
 /// 32-bit protected mode, paging off, as the multiboot entry leaves it, with
 /// 8-byte interrupt gates to the 32-bit code segment 0x38.
 fn machine32() -> InterpVcpu {
