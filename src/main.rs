@@ -119,12 +119,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Info => run::info().map(|()| 0),
-        Command::Diff { .. } => Err(anyhow::anyhow!(
-            "`tandem diff` needs the interpreter backend, which is not built yet"
-        )),
-        Command::Fuzz { .. } => Err(anyhow::anyhow!(
-            "`tandem fuzz` needs the interpreter backend, which is not built yet"
-        )),
+        Command::Diff { .. } => Err(anyhow::anyhow!("`tandem diff` is not built yet")),
+        Command::Fuzz { .. } => Err(anyhow::anyhow!("`tandem fuzz` is not built yet")),
         Command::Debug { .. } => Err(anyhow::anyhow!("`tandem debug` is not built yet")),
     };
     match result {

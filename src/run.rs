@@ -8,7 +8,11 @@ use tandem_core::machine::{ExitStats, GuestContext, RunError, RunOutcome};
 use tandem_core::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
 use tandem_core::vcpu::Vcpu;
 use tandem_core::StopRequest;
+use tandem_firmware::acpi::{write_acpi, AcpiConfig};
+use tandem_firmware::linux::{linux_entry_state, load_bzimage};
+use tandem_firmware::mptable::{write_mptable, MPTABLE_ADDR};
 use tandem_firmware::multiboot::{load_multiboot, multiboot_entry_state, Module};
+use tandem_firmware::pvh::{load_pvh, pvh_entry_state};
 use tandem_kvm::{KvmFlavour, KvmVm, KvmVmOptions};
 
 use crate::size::parse_size;
@@ -35,12 +39,23 @@ fn default_backend() -> Backend {
     }
 }
 
+/// What `tandem run` boots.
+enum Boot<'a> {
+    Multiboot(&'a Path),
+    Linux(&'a Path),
+}
+
 pub fn run(args: &RunArgs) -> Result<i32> {
-    if args.kernel.is_some() {
-        bail!("booting a Linux bzImage with --kernel is not built yet; give a multiboot ELF");
-    }
-    let Some(guest) = args.guest.as_ref() else {
-        bail!("no guest given: tandem run GUEST.elf");
+    let boot_kind = match (&args.guest, &args.kernel) {
+        (Some(_), Some(_)) => {
+            bail!("give either a multiboot GUEST or --kernel, not both")
+        }
+        (Some(g), None) => Boot::Multiboot(g),
+        (None, Some(k)) => Boot::Linux(k),
+        (None, None) => bail!("no guest given: tandem run GUEST.elf (or --kernel BZIMAGE)"),
+    };
+    let guest = match boot_kind {
+        Boot::Multiboot(p) | Boot::Linux(p) => p,
     };
     let mem_size = parse_size(&args.mem).context("bad --mem")?;
     if args.smp == 0 {
@@ -77,23 +92,56 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     })
     .context("cannot build the machine")?;
 
-    let modules: Vec<Module<'_>> = initrd
-        .as_deref()
-        .map(|d| Module {
-            data: d,
-            cmdline: "initrd",
-        })
-        .into_iter()
-        .collect();
-    let boot = load_multiboot(&pc.machine.mem, &image, &args.append, &modules)
-        .with_context(|| format!("cannot load {}", guest.display()))?;
-    let state = multiboot_entry_state(&boot);
+    // The tables a guest finds at the top of the first MiB (reserved in
+    // the e820 map, so no loader places anything there).
+    let mem = &pc.machine.mem;
+    write_acpi(mem, &AcpiConfig::new(args.smp)).context("cannot write the ACPI tables")?;
+    write_mptable(mem, args.smp, MPTABLE_ADDR).context("cannot write the MP table")?;
+
+    let state = match boot_kind {
+        Boot::Multiboot(_) => {
+            let modules: Vec<Module<'_>> = initrd
+                .as_deref()
+                .map(|d| Module {
+                    data: d,
+                    cmdline: "initrd",
+                })
+                .into_iter()
+                .collect();
+            let boot = load_multiboot(mem, &image, &args.append, &modules)
+                .with_context(|| format!("cannot load {}", guest.display()))?;
+            multiboot_entry_state(&boot)
+        }
+        Boot::Linux(_) => load_linux(mem, &image, initrd.as_deref(), &args.append)
+            .with_context(|| format!("cannot boot {}", guest.display()))?,
+    };
 
     let outcome = match backend {
         Backend::Kvm => run_kvm(&pc, &state, args)?,
         Backend::Interp => run_interp(&pc, &state, args)?,
     };
     Ok(report(&pc, &outcome))
+}
+
+/// A bzImage through the Linux x86 boot protocol, or an uncompressed
+/// vmlinux through its PVH entry note.
+fn load_linux(
+    mem: &tandem_core::GuestMemory,
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+) -> Result<VcpuState> {
+    let is_bzimage = image.get(0x202..0x206) == Some(b"HdrS");
+    let is_elf = image.starts_with(b"\x7fELF");
+    if is_bzimage {
+        let boot = load_bzimage(mem, image, initrd, cmdline)?;
+        Ok(linux_entry_state(&boot, mem)?)
+    } else if is_elf {
+        let boot = load_pvh(mem, image, initrd, cmdline)?;
+        Ok(pvh_entry_state(&boot, mem)?)
+    } else {
+        bail!("neither a bzImage (no HdrS setup header) nor an ELF vmlinux with a PVH entry note")
+    }
 }
 
 fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
@@ -273,7 +321,7 @@ pub fn info() -> Result<()> {
         }
     }
     println!(
-        "Backends: kvm{}, interp (not built yet)",
+        "Backends: kvm{}, interp",
         if std::path::Path::new("/dev/kvm").exists() {
             ""
         } else {
