@@ -27,6 +27,7 @@ fn tandem_loop(count: u64) -> Duration {
         vcpus: 1,
         clock: ClockKind::Host,
         irqchip: IrqchipKind::User,
+        lost_ticks: Default::default(),
         serial_out: Box::new(std::io::sink()),
     })
     .expect("machine");

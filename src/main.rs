@@ -35,6 +35,15 @@ pub enum Irqchip {
     Kernel,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LostTicks {
+    /// Missed PIT periods are dropped: one tick is delivered (QEMU).
+    Discard,
+    /// Missed PIT periods are delivered one after another as the guest
+    /// takes them (KVM's in-kernel PIT with reinjection).
+    Catchup,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// A multiboot ELF guest (ELF32 or ELF64).
@@ -63,6 +72,10 @@ pub struct RunArgs {
     /// The kernel or multiboot command line.
     #[arg(long, default_value = "")]
     pub append: String,
+    /// What the PIT does with ticks the guest did not take in time: drop
+    /// them as QEMU does, or deliver them later as KVM's PIT does.
+    #[arg(long, value_enum, default_value = "discard")]
+    pub pit_lost_ticks: LostTicks,
     /// Print every device's registers when the run ends.
     #[arg(long)]
     pub dump_devices: bool,

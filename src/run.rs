@@ -88,6 +88,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             Irqchip::User => IrqchipKind::User,
             Irqchip::Kernel => IrqchipKind::Kernel,
         },
+        lost_ticks: match args.pit_lost_ticks {
+            crate::LostTicks::Discard => tandem_core::pc::LostTickPolicy::Discard,
+            crate::LostTicks::Catchup => tandem_core::pc::LostTickPolicy::Catchup,
+        },
         serial_out: Box::new(std::io::stdout()),
     })
     .context("cannot build the machine")?;
@@ -169,6 +173,12 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     if kernel_irqchip {
         pc.machine.isa_irqs.connect(vm.kernel_irq_sink());
     }
+    // Instructions KVM cannot emulate (PVM: CMPXCHG16B, XRSTOR...) are
+    // executed one at a time by the interpreter.
+    let _ = pc
+        .machine
+        .fallback
+        .set(std::sync::Arc::new(tandem_interp::InterpFallback::new()));
     pc.start_host_threads()
         .context("cannot start the machine's threads")?;
     pc.start_stdin().context("cannot read stdin")?;

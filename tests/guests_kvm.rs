@@ -258,3 +258,32 @@ fn shadow_holds_across_an_mmio_exit() {
     assert!(fails(&r).is_empty(), "{r:?}");
     assert_eq!(summary(&r).1, 0);
 }
+
+/// The PIT's Catchup lost-tick policy (`--pit-lost-ticks catchup`) with
+/// ticks through the PIC and through the IOAPIC, on both processors.
+#[test]
+fn pit_catchup_policy() {
+    let mut backends = vec!["interp"];
+    if kvm_or_skip("pit_catchup_policy (kvm half)") {
+        backends.push("kvm");
+    }
+    for backend in backends {
+        for name in ["pic_pit", "ioapic"] {
+            let g = guest(name);
+            let r = run_tandem(
+                TANDEM,
+                &[
+                    "run",
+                    g.to_str().unwrap(),
+                    "--backend",
+                    backend,
+                    "--pit-lost-ticks",
+                    "catchup",
+                ],
+            );
+            assert!(fails(&r).is_empty(), "{backend} {name}: {r:?}");
+            assert_eq!(summary(&r).1, 0, "{backend} {name}");
+            assert_eq!(r.status, 1, "{backend} {name}: {r:?}");
+        }
+    }
+}

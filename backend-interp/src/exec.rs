@@ -969,6 +969,15 @@ impl InterpVcpu {
                 std::mem::swap(&mut self.sregs.gs.base, &mut self.msr.kernel_gs_base);
                 Ok(())
             }
+            Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b => self.exec_cmpxchg8b16b(i, m),
+            Mnemonic::Xgetbv => self.exec_xgetbv(),
+            Mnemonic::Xsetbv => self.exec_xsetbv(),
+            Mnemonic::Fxsave | Mnemonic::Fxsave64 => self.exec_fxsave(i),
+            Mnemonic::Fxrstor | Mnemonic::Fxrstor64 => self.exec_fxrstor(i),
+            Mnemonic::Xsave | Mnemonic::Xsave64 | Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64 => {
+                self.exec_xsave(i)
+            }
+            Mnemonic::Xrstor | Mnemonic::Xrstor64 => self.exec_xrstor(i),
             Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(UD),
             _ => {
                 self.note_unimplemented(m);

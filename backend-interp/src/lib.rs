@@ -25,11 +25,13 @@
 //! for one instruction; NMI blocking lasts from NMI delivery to the next IRET.
 
 mod exec;
+mod fallback;
 mod flags;
 mod mmu;
 mod system;
 #[cfg(test)]
 mod tests;
+mod xsave;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use tandem_core::vcpu::{Kick, Readiness, Vcpu, VcpuExit, VcpuResult};
 use tandem_decoder::DecodeCache;
 use thiserror::Error;
 
+pub use fallback::InterpFallback;
 pub use mmu::Tlb;
 
 /// Instructions one `run()` executes at most before returning
@@ -256,6 +259,30 @@ impl InterpVcpu {
     /// Decoded-instruction cache statistics (hits, misses).
     pub fn cache_stats(&self) -> (u64, u64) {
         (self.cache.hits, self.cache.misses)
+    }
+
+    /// Executes exactly one instruction at CS:RIP, for a processor that gave
+    /// up on it: no injected event is delivered first, no window or kick is
+    /// looked at. `Ok(None)`: the instruction retired, or the exception it
+    /// raised was delivered through the IDT. `Ok(Some(exit))`: a port-I/O,
+    /// MMIO or MSR exit leaves it unfinished (complete the exit and call
+    /// again: it re-executes with the answer, see the crate docs), or it
+    /// ended with HLT / shutdown / an unhandled exit.
+    ///
+    /// The decoded instruction is not kept cached: the other processor may
+    /// rewrite guest code before the next call.
+    pub fn step_one(&mut self) -> VcpuResult<Option<VcpuExit>> {
+        self.absorb_completion();
+        let exit = self.step();
+        if self.replay_len == 0 {
+            self.cache.invalidate_page(self.tlb.last_fetch_page());
+        }
+        Ok(exit)
+    }
+
+    /// How many instructions the interpreter has noted as unimplemented.
+    pub fn unimplemented_count(&self) -> usize {
+        self.noted.len()
     }
 
     /// Drops the cached instructions of the page holding `gpa`: call it when

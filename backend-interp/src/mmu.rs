@@ -57,6 +57,11 @@ impl Default for Tlb {
 }
 
 impl Tlb {
+    /// The physical page instructions were last fetched from.
+    pub(crate) fn last_fetch_page(&self) -> u64 {
+        self.fetch.1
+    }
+
     pub fn flush(&mut self) {
         self.entries = [TlbEntry::default(); TLB_ENTRIES];
         self.generation = self.generation.wrapping_add(1);

@@ -828,7 +828,8 @@ impl InterpVcpu {
     }
 
     /// CPUID as a modern Intel processor limited to what the interpreter
-    /// implements: no x87 / SSE state, no SYSENTER, no CMPXCHG8B/16B; x2APIC
+    /// implements: no x87 / SSE state (so no FXSR / XSAVE), no SYSENTER;
+    /// CMPXCHG8B / CMPXCHG16B; x2APIC
     /// and TSC-deadline because Tandem's LAPIC has them.
     pub(crate) fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let _ = sub;
@@ -836,17 +837,18 @@ impl InterpVcpu {
             0 => [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
             1 => {
                 // Family 6, model 0x55-like signature; TSC(4) MSR(5) PAE(6)
-                // APIC(9) PGE(13) CMOV(15) PAT(16) PSE(3).
+                // CX8(8) APIC(9) PGE(13) CMOV(15) PAT(16) PSE(3).
                 let edx = (1 << 3)
                     | (1 << 4)
                     | (1 << 5)
                     | (1 << 6)
+                    | (1 << 8)
                     | (1 << 9)
                     | (1 << 13)
                     | (1 << 15)
                     | (1 << 16);
-                // x2APIC(21) TSC-deadline(24).
-                let ecx = (1 << 21) | (1 << 24);
+                // CX16(13) x2APIC(21) TSC-deadline(24).
+                let ecx = (1 << 13) | (1 << 21) | (1 << 24);
                 let ebx = (self.id << 24) | (1 << 16) | (8 << 8);
                 [0x0005_0654, ebx, ecx, edx]
             }

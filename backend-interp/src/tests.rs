@@ -950,3 +950,231 @@ fn random_code_never_panics() {
     }
     assert!(exits > 0, "some random code must make an exit");
 }
+
+/// CMPXCHG16B at `addr` with RDX:RAX = `expect`, RCX:RBX = new; returns the
+/// vCPU after the HLT (or the #GP handler's HLT).
+fn cmpxchg16b_at(addr: u64, mem_val: (u64, u64), expect: (u64, u64)) -> InterpVcpu {
+    let mut v = with(|a| {
+        a.mov(rsi, addr)?;
+        a.lock().cmpxchg16b(xmmword_ptr(rsi))?;
+        a.hlt()
+    });
+    v.mem.write_u64(addr, mem_val.0).unwrap();
+    v.mem.write_u64(addr + 8, mem_val.1).unwrap();
+    let mut r = v.get_regs().unwrap();
+    (r.rax, r.rdx) = expect;
+    (r.rbx, r.rcx) = (0x1111_2222_3333_4444, 0x5555_6666_7777_8888);
+    v.set_regs(&r).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    v
+}
+
+#[test]
+fn cmpxchg16b_equal_stores_rcx_rbx_and_sets_zf() {
+    let mut v = cmpxchg16b_at(0x9000, (1, 2), (1, 2));
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rip, CODE + 16, "retired, and the HLT after it");
+    assert_ne!(r.rflags & ZF, 0);
+    assert_eq!(v.mem.read_u64(0x9000).unwrap(), 0x1111_2222_3333_4444);
+    assert_eq!(v.mem.read_u64(0x9008).unwrap(), 0x5555_6666_7777_8888);
+    assert_eq!((r.rax, r.rdx), (1, 2), "RDX:RAX unchanged");
+}
+
+#[test]
+fn cmpxchg16b_unequal_loads_rdx_rax_and_clears_zf() {
+    let mut v = cmpxchg16b_at(0x9000, (7, 9), (1, 9));
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rflags & ZF, 0);
+    assert_eq!((r.rax, r.rdx), (7, 9));
+    assert_eq!(v.mem.read_u64(0x9000).unwrap(), 7, "memory unchanged");
+    assert_eq!(v.mem.read_u64(0x9008).unwrap(), 9);
+}
+
+#[test]
+fn cmpxchg16b_misaligned_is_gp0() {
+    let mut v = cmpxchg16b_at(0x9008, (1, 2), (1, 2));
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rip, HANDLERS + 13 * 16 + 1, "#GP handler");
+    assert_eq!(v.mem.read_u64(r.rsp).unwrap(), 0, "error code 0");
+    assert_eq!(
+        v.mem.read_u64(r.rsp + 8).unwrap(),
+        CODE + 10,
+        "faulting RIP"
+    );
+    assert_eq!(v.mem.read_u64(0x9008).unwrap(), 1, "memory untouched");
+}
+
+#[test]
+fn cmpxchg8b_compares_edx_eax() {
+    let mut v = with(|a| {
+        a.mov(rsi, 0x9004u64)?;
+        a.lock().cmpxchg8b(qword_ptr(rsi))?;
+        a.hlt()
+    });
+    v.mem.write_u64(0x9004, 0x0000_0005_0000_0006).unwrap();
+    let mut r = v.get_regs().unwrap();
+    (r.rax, r.rdx) = (0xffff_ffff_0000_0006, 0xffff_ffff_0000_0004);
+    v.set_regs(&r).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rflags & ZF, 0);
+    assert_eq!((r.rax, r.rdx), (6, 5), "loaded, zero-extended");
+}
+
+/// A vCPU with CR4.OSXSAVE and XCR0 = x87 | SSE | AVX and a recognisable
+/// state in the XSAVE buffer.
+fn xsave_vcpu(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> InterpVcpu {
+    let mut v = with(f);
+    let mut s = v.get_sregs().unwrap();
+    s.cr4 |= cr4::OSXSAVE;
+    v.set_sregs(&s).unwrap();
+    let mut fpu = v.get_fpu().unwrap();
+    fpu.xcr0 = 7;
+    for (n, b) in fpu.xsave[32..416].iter_mut().enumerate() {
+        *b = n as u8;
+    }
+    for (n, b) in fpu.xsave[576..832].iter_mut().enumerate() {
+        *b = !(n as u8);
+    }
+    fpu.xsave[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    fpu.xsave[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+    fpu.xsave[512..520].copy_from_slice(&7u64.to_le_bytes());
+    v.set_fpu(&fpu).unwrap();
+    v
+}
+
+#[test]
+fn xsave_then_xrstor_round_trips_and_xgetbv_reads_xcr0() {
+    // XSAVE to 0x9000, clobber the buffer by XRSTOR of an all-init image
+    // at 0xa000 (XSTATE_BV 0), then XRSTOR the saved one.
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 7)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xsave(ptr(rsi))?;
+        a.mov(rsi, 0xa000u64)?;
+        a.xrstor(ptr(rsi))?;
+        a.hlt()?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xrstor(ptr(rsi))?;
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        a.hlt()
+    });
+    let saved = v.get_fpu().unwrap();
+    // The init image still needs a valid MXCSR.
+    v.mem.write_u32(0xa018, 0x1f80).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.mem.read_u64(0x9000 + 512).unwrap(), 7, "XSTATE_BV saved");
+    assert_eq!(v.mem.read_u64(0x9000 + 576).unwrap(), 0xf8f9_fafb_fcfd_feff);
+    let init = v.get_fpu().unwrap();
+    assert_eq!(
+        &init.xsave[0..2],
+        &[0x7f, 0x03],
+        "x87 initialised: FCW 0x37F"
+    );
+    assert!(init.xsave[32..416].iter().all(|&b| b == 0), "ST / XMM zero");
+    assert!(init.xsave[576..832].iter().all(|&b| b == 0), "YMM_Hi zero");
+    assert_eq!(init.xsave[512] & 7, 0, "XINUSE cleared");
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let back = v.get_fpu().unwrap();
+    assert_eq!(back.xsave[32..416], saved.xsave[32..416]);
+    assert_eq!(back.xsave[576..832], saved.xsave[576..832]);
+    assert_eq!(back.xsave[512..520], saved.xsave[512..520]);
+    let r = v.get_regs().unwrap();
+    assert_eq!((r.rax, r.rdx), (7, 0), "XGETBV(0) = XCR0");
+}
+
+#[test]
+fn xsave_family_faults() {
+    // Misaligned XSAVE: #GP(0).
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 7)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9010u64)?;
+        a.xsave(ptr(rsi))?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+    // XRSTOR of an image with XCOMP_BV / reserved header bits: #GP(0).
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 7)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xrstor(ptr(rsi))?;
+        a.hlt()
+    });
+    v.mem.write_u32(0x9018, 0x1f80).unwrap();
+    v.mem.write_u64(0x9000 + 528, 1).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+    // XSETBV with AVX but not SSE: #GP(0); without CR4.OSXSAVE XGETBV: #UD.
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 5)?;
+        a.xor(edx, edx)?;
+        a.xor(ecx, ecx)?;
+        a.xsetbv()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+    assert_eq!(v.get_fpu().unwrap().xcr0, 7, "XCR0 unchanged");
+    let mut v = with(|a| {
+        a.xor(ecx, ecx)?;
+        a.xgetbv()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 6 * 16 + 1);
+}
+
+#[test]
+fn xsetbv_accepts_valid_xcr0() {
+    assert!(crate::xsave::valid_xcr0(1));
+    assert!(crate::xsave::valid_xcr0(7));
+    assert!(crate::xsave::valid_xcr0(0xe7));
+    assert!(!crate::xsave::valid_xcr0(0));
+    assert!(!crate::xsave::valid_xcr0(5));
+    assert!(!crate::xsave::valid_xcr0(0x27));
+    assert!(!crate::xsave::valid_xcr0(0x400));
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 3)?;
+        a.xor(edx, edx)?;
+        a.xor(ecx, ecx)?;
+        a.xsetbv()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_fpu().unwrap().xcr0, 3);
+}
+
+#[test]
+fn fxsave_fxrstor_round_trip_marks_x87_sse_in_use() {
+    let mut v = xsave_vcpu(|a| {
+        a.mov(rsi, 0x9000u64)?;
+        a.fxsave64(ptr(rsi))?;
+        a.mov(rsi, 0xa000u64)?;
+        a.fxrstor64(ptr(rsi))?;
+        a.hlt()
+    });
+    let mut fpu = v.get_fpu().unwrap();
+    fpu.xsave[512] = 0;
+    v.set_fpu(&fpu).unwrap();
+    for n in 0..52u64 {
+        v.mem
+            .write_u64(0xa000 + 8 * n, 0x0101_0101_0101_0101 * n)
+            .unwrap();
+    }
+    v.mem.write_u32(0xa018, 0x1f80).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.mem.read_u64(0x9000 + 32).unwrap(), 0x0706_0504_0302_0100);
+    let f = v.get_fpu().unwrap();
+    assert_eq!(f.xsave[40], 5, "ST0 high bytes from the image");
+    assert_eq!(f.xsave[512] & 3, 3, "XSTATE_BV x87 | SSE");
+    assert_eq!(
+        &f.xsave[28..32],
+        &0xffffu32.to_le_bytes(),
+        "MXCSR_MASK kept"
+    );
+}

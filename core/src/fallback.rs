@@ -12,9 +12,27 @@
 //! vCPU back).
 
 use crate::cpu::{cr0, rflags, Event, EventKind, Regs, Sregs};
+use crate::machine::{Machine, RunError};
 use crate::memory::GuestMemory;
 use crate::paging::read_linear;
 use crate::vcpu::{Vcpu, VcpuResult};
+
+/// Another processor that executes, on the same machine, one instruction the
+/// vCPU's own processor could not emulate. Core knows only this interface;
+/// the interpreter backend implements it.
+pub trait InstructionFallback: Send + Sync {
+    /// Executes the instruction at `vcpu`'s CS:RIP: takes the vCPU's state,
+    /// retires exactly that instruction (completing its port, MMIO and MSR
+    /// accesses through `machine`) and loads the resulting state back.
+    /// `Ok(Some(description))` (mnemonic, for the once-per-instruction note)
+    /// when it did; `Ok(None)` when it does not handle that instruction;
+    /// an error when the state cannot be carried exactly.
+    fn execute_one(
+        &self,
+        machine: &Machine,
+        vcpu: &mut dyn Vcpu,
+    ) -> Result<Option<String>, RunError>;
+}
 
 /// An instruction the fallback knows how to finish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,5 +208,117 @@ mod tests {
         // INTO is #UD in 64-bit mode.
         let ev = event_for(&mem, &r, &s, EventInstruction::Into, 1).unwrap();
         assert_eq!(ev, Event::exception(6, None));
+    }
+
+    mod dispatch {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use std::sync::Arc;
+
+        use crate::fallback::InstructionFallback;
+        use crate::machine::{ExitStats, Machine, RunError, RunOutcome};
+        use crate::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
+        use crate::testing::FakeVcpu;
+        use crate::vcpu::{Vcpu, VcpuExit};
+
+        /// Finishes the instruction by writing `value` to isa-debug-exit
+        /// through the machine (as the interpreter's OUT exit would) and
+        /// stepping RIP over 4 bytes; `None` after `handles` calls.
+        struct FakeFallback {
+            calls: AtomicU32,
+            handles: u32,
+            value: u8,
+        }
+
+        impl InstructionFallback for FakeFallback {
+            fn execute_one(
+                &self,
+                machine: &Machine,
+                vcpu: &mut dyn Vcpu,
+            ) -> Result<Option<String>, RunError> {
+                if self.calls.fetch_add(1, Ordering::SeqCst) >= self.handles {
+                    return Ok(None);
+                }
+                let exit = VcpuExit::IoOut {
+                    port: 0xf4,
+                    size: 1,
+                    count: 1,
+                };
+                vcpu.io_data()[0] = self.value;
+                let mut stats = ExitStats::default();
+                assert!(machine.handle_data_exit(vcpu, &exit, &mut stats));
+                assert!(!machine.handle_data_exit(vcpu, &VcpuExit::Hlt, &mut stats));
+                assert_eq!(stats.io, 1);
+                let mut r = vcpu.get_regs()?;
+                r.rip += 4;
+                vcpu.set_regs(&r)?;
+                Ok(Some("lock cmpxchg16b".into()))
+            }
+        }
+
+        fn pc() -> Pc {
+            Pc::new(PcConfig {
+                mem_size: 1 << 20,
+                vcpus: 1,
+                clock: ClockKind::Host,
+                irqchip: IrqchipKind::User,
+                lost_ticks: Default::default(),
+                serial_out: Box::new(std::io::sink()),
+            })
+            .unwrap()
+        }
+
+        fn failing_vcpu() -> FakeVcpu {
+            let mut v = FakeVcpu::new(0);
+            v.io = vec![0];
+            // RAM at CS:RIP is zero: `add [rax], al`, not an event
+            // instruction, so the event fast path passes it on.
+            v.regs.rip = 0x1000;
+            v.exits.push_back(VcpuExit::EmulationFailure {
+                insn: vec![0xf0, 0x48, 0x0f, 0xc7],
+            });
+            v
+        }
+
+        #[test]
+        fn emulation_failure_goes_to_the_fallback_and_its_exits_to_the_machine() {
+            let pc = pc();
+            let fb = Arc::new(FakeFallback {
+                calls: AtomicU32::new(0),
+                handles: 1,
+                value: 0x21,
+            });
+            assert!(pc.machine.fallback.set(fb.clone()).is_ok());
+            let mut v = failing_vcpu();
+            let mut stats = ExitStats::default();
+            let out = pc.machine.run_vcpu(&mut v, &mut stats).unwrap();
+            assert!(matches!(out, RunOutcome::Stop(_)), "{out:?}");
+            assert_eq!(out.exit_status(), (0x21 << 1) | 1);
+            assert_eq!(stats.fallbacks, 1);
+            assert_eq!(v.regs.rip, 0x1004);
+            assert_eq!(fb.calls.load(Ordering::SeqCst), 1);
+        }
+
+        #[test]
+        fn declined_or_missing_fallback_reports_the_emulation_failure() {
+            for with_fallback in [false, true] {
+                let pc = pc();
+                if with_fallback {
+                    let fb = Arc::new(FakeFallback {
+                        calls: AtomicU32::new(0),
+                        handles: 0,
+                        value: 0,
+                    });
+                    assert!(pc.machine.fallback.set(fb).is_ok());
+                }
+                let mut v = failing_vcpu();
+                let mut stats = ExitStats::default();
+                let err = pc.machine.run_vcpu(&mut v, &mut stats).unwrap_err();
+                assert!(
+                    matches!(&err, RunError::EmulationFailure { bytes, .. } if bytes == "f0 48 0f c7"),
+                    "{err}"
+                );
+                assert_eq!(stats.fallbacks, 0);
+            }
+        }
     }
 }

@@ -126,8 +126,13 @@ pub struct Machine {
     pub local_mmio: Option<Arc<dyn LocalMmio>>,
     pub timers: Arc<TimerSet>,
     pub doorbells: Vec<Arc<Doorbell>>,
-    /// Instructions already reported by `note_fallback`.
-    pub fallback_notes: std::sync::Mutex<Vec<crate::fallback::EventInstruction>>,
+    /// Instructions already reported by `note_fallback` (mnemonic or
+    /// bytes), so that each is reported once.
+    pub fallback_notes: std::sync::Mutex<Vec<String>>,
+    /// Executes an instruction the processor gave up on (the interpreter,
+    /// for KVM). Set once, after the machine is built; empty: such an
+    /// instruction ends the run.
+    pub fallback: std::sync::OnceLock<Arc<dyn crate::fallback::InstructionFallback>>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -201,55 +206,13 @@ impl Machine {
                 }
             }
             match exit? {
-                VcpuExit::IoOut { port, size, count } => {
-                    stats.io += 1;
-                    let size = usize::from(size.max(1));
-                    let data = vcpu.io_data();
-                    for chunk in data.chunks(size).take(count as usize) {
-                        self.pio.write(u64::from(port), chunk);
-                    }
-                }
-                VcpuExit::IoIn { port, size, count } => {
-                    stats.io += 1;
-                    let size = usize::from(size.max(1));
-                    let data = vcpu.io_data();
-                    for chunk in data.chunks_mut(size).take(count as usize) {
-                        self.pio.read(u64::from(port), chunk);
-                    }
-                }
-                VcpuExit::MmioWrite { addr, len } => {
-                    stats.mmio += 1;
-                    let data = vcpu.mmio_data();
-                    let n = usize::from(len).min(data.len());
-                    let local = self
-                        .local_mmio
-                        .as_ref()
-                        .is_some_and(|l| l.write(id, addr, &data[..n]));
-                    if !local {
-                        self.mmio.write(addr, &data[..n]);
-                    }
-                }
-                VcpuExit::MmioRead { addr, len } => {
-                    stats.mmio += 1;
-                    let data = vcpu.mmio_data();
-                    let n = usize::from(len).min(data.len());
-                    let local = self
-                        .local_mmio
-                        .as_ref()
-                        .is_some_and(|l| l.read(id, addr, &mut data[..n]));
-                    if !local {
-                        self.mmio.read(addr, &mut data[..n]);
-                    }
-                }
-                VcpuExit::RdMsr { index } => {
-                    stats.msr += 1;
-                    let v = self.msrs.iter().find_map(|h| h.rdmsr(id, index));
-                    vcpu.complete_rdmsr(v);
-                }
-                VcpuExit::WrMsr { index, value } => {
-                    stats.msr += 1;
-                    let ok = self.msrs.iter().any(|h| h.wrmsr(id, index, value));
-                    vcpu.complete_wrmsr(ok);
+                e @ (VcpuExit::IoOut { .. }
+                | VcpuExit::IoIn { .. }
+                | VcpuExit::MmioWrite { .. }
+                | VcpuExit::MmioRead { .. }
+                | VcpuExit::RdMsr { .. }
+                | VcpuExit::WrMsr { .. }) => {
+                    self.handle_data_exit(vcpu, &e, stats);
                 }
                 VcpuExit::Hlt => {
                     stats.hlt += 1;
@@ -266,8 +229,23 @@ impl Machine {
                     if let Some(done) = crate::fallback::finish_event_instruction(&self.mem, vcpu)?
                     {
                         stats.fallbacks += 1;
-                        self.note_fallback(vcpu.backend(), done);
+                        self.note_fallback(
+                            vcpu.backend(),
+                            &format!("{done:?}"),
+                            "Tandem delivered its event",
+                        );
                         continue;
+                    }
+                    if let Some(fb) = self.fallback.get() {
+                        if let Some(done) = fb.execute_one(self, vcpu)? {
+                            stats.fallbacks += 1;
+                            self.note_fallback(
+                                vcpu.backend(),
+                                &done,
+                                "Tandem's interpreter executed it",
+                            );
+                            continue;
+                        }
                     }
                     let context = context(vcpu);
                     let bytes = if insn.is_empty() {
@@ -307,15 +285,81 @@ impl Machine {
         }
     }
 
+    /// Completes a port-I/O, MMIO or machine-MSR exit of `vcpu` through the
+    /// buses and handlers (the run loop and the instruction fallback share
+    /// it). Returns false, doing nothing, for any other exit.
+    pub fn handle_data_exit(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        exit: &VcpuExit,
+        stats: &mut ExitStats,
+    ) -> bool {
+        let id = vcpu.id();
+        match *exit {
+            VcpuExit::IoOut { port, size, count } => {
+                stats.io += 1;
+                let size = usize::from(size.max(1));
+                let data = vcpu.io_data();
+                for chunk in data.chunks(size).take(count as usize) {
+                    self.pio.write(u64::from(port), chunk);
+                }
+            }
+            VcpuExit::IoIn { port, size, count } => {
+                stats.io += 1;
+                let size = usize::from(size.max(1));
+                let data = vcpu.io_data();
+                for chunk in data.chunks_mut(size).take(count as usize) {
+                    self.pio.read(u64::from(port), chunk);
+                }
+            }
+            VcpuExit::MmioWrite { addr, len } => {
+                stats.mmio += 1;
+                let data = vcpu.mmio_data();
+                let n = usize::from(len).min(data.len());
+                let local = self
+                    .local_mmio
+                    .as_ref()
+                    .is_some_and(|l| l.write(id, addr, &data[..n]));
+                if !local {
+                    self.mmio.write(addr, &data[..n]);
+                }
+            }
+            VcpuExit::MmioRead { addr, len } => {
+                stats.mmio += 1;
+                let data = vcpu.mmio_data();
+                let n = usize::from(len).min(data.len());
+                let local = self
+                    .local_mmio
+                    .as_ref()
+                    .is_some_and(|l| l.read(id, addr, &mut data[..n]));
+                if !local {
+                    self.mmio.read(addr, &mut data[..n]);
+                }
+            }
+            VcpuExit::RdMsr { index } => {
+                stats.msr += 1;
+                let v = self.msrs.iter().find_map(|h| h.rdmsr(id, index));
+                vcpu.complete_rdmsr(v);
+            }
+            VcpuExit::WrMsr { index, value } => {
+                stats.msr += 1;
+                let ok = self.msrs.iter().any(|h| h.wrmsr(id, index, value));
+                vcpu.complete_wrmsr(ok);
+            }
+            _ => return false,
+        }
+        true
+    }
+
     /// Says once per distinct instruction that the processor gave up on it.
-    fn note_fallback(&self, backend: &str, insn: crate::fallback::EventInstruction) {
+    fn note_fallback(&self, backend: &str, insn: &str, how: &str) {
         let mut seen = self
             .fallback_notes
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if !seen.contains(&insn) {
-            seen.push(insn);
-            eprintln!("tandem: {backend} could not execute {insn:?}; Tandem delivered its event");
+        if !seen.iter().any(|s| s == insn) {
+            seen.push(insn.to_string());
+            eprintln!("tandem: {backend} could not execute {insn}; {how}");
         }
     }
 

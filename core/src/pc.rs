@@ -27,7 +27,8 @@ use crate::devices::i8042::{i8042_ports, I8042, KEYBOARD_IRQ};
 use crate::devices::ioapic::{IoApic, IoApicIrqSink, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
 use crate::devices::pci::{PciHost, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
 use crate::devices::pic::{Pic, PicIrqSink};
-use crate::devices::pit::{LostTickPolicy, Pit, PitTimer};
+pub use crate::devices::pit::LostTickPolicy;
+use crate::devices::pit::{Pit, PitTimer};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_IRQ, UART_PORTS};
 use crate::devices::testdev::{
     SetIrqLine, TestdevIoport, TestdevIrq, TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS, TESTDEV_IRQ_LINES,
@@ -70,6 +71,8 @@ pub struct PcConfig {
     pub vcpus: u32,
     pub clock: ClockKind,
     pub irqchip: IrqchipKind,
+    /// What the PIT does with ticks a guest does not take in time.
+    pub lost_ticks: LostTickPolicy,
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
 }
@@ -90,6 +93,7 @@ pub enum PcError {
 struct PcInterrupts {
     router: Arc<ApicRouter>,
     ioapic: Arc<Mutex<IoApic>>,
+    pit: Arc<Mutex<Pit>>,
 }
 
 impl InterruptSource for PcInterrupts {
@@ -103,7 +107,23 @@ impl InterruptSource for PcInterrupts {
         self.router.interrupt_pending(vcpu)
     }
     fn ack_interrupt(&self, vcpu: u32) -> Option<u8> {
-        self.router.ack_interrupt(vcpu)
+        let vector = self.router.ack_interrupt(vcpu)?;
+        // A PIT tick taken through the IOAPIC (pin 2) is acknowledged here,
+        // for the lost-tick policy, as one taken through the PIC is at its
+        // INTA. (KVM's PIT counts acknowledgements at EOI; at injection the
+        // guest has equally taken the tick.)
+        let pin2 = self
+            .ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .redirection_entry(2);
+        if pin2.is_some_and(|e| e & (1 << 16) == 0 && (e & 0xff) as u8 == vector) {
+            self.pit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .irq_acked();
+        }
+        Some(vector)
     }
     fn can_wake_masked(&self, vcpu: u32) -> bool {
         if self.router.can_wake_masked(vcpu) {
@@ -369,6 +389,7 @@ impl Pc {
                     Arc::new(PcInterrupts {
                         router: chip.router.clone(),
                         ioapic: chip.ioapic.clone(),
+                        pit: chip.pit.clone(),
                     }),
                     vec![apic_access.clone()],
                     Some(apic_access),
@@ -389,6 +410,7 @@ impl Pc {
             timers,
             doorbells: bells,
             fallback_notes: Mutex::new(Vec::new()),
+            fallback: std::sync::OnceLock::new(),
         });
         let pc = Pc {
             machine,
@@ -436,7 +458,7 @@ impl Pc {
         let pit = Arc::new(Mutex::new(Pit::new(
             clock.clone(),
             isa.line(0),
-            LostTickPolicy::Discard,
+            cfg.lost_ticks,
         )));
         for (dev, base, len) in crate::devices::pit::pc_port_devices(&pit) {
             pio.insert(rearming(dev, timers), base, len)?;

@@ -23,6 +23,7 @@ impl KvmGuest {
             vcpus: 1,
             clock: ClockKind::Host,
             irqchip,
+            lost_ticks: Default::default(),
             serial_out: Box::new(std::io::sink()),
         })
         .expect("machine");

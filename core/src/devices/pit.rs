@@ -876,6 +876,8 @@ pub struct PitState {
     pub pending_ticks: u32,
     /// Catchup policy: an edge was delivered and not yet acknowledged.
     pub awaiting_ack: bool,
+    /// Catchup policy: periods that passed while `awaiting_ack`.
+    pub unacked_periods: u32,
 }
 
 impl PitState {
@@ -894,6 +896,7 @@ impl PitState {
             irq0_level: false,
             pending_ticks: 0,
             awaiting_ack: false,
+            unacked_periods: 0,
         }
     }
 }
@@ -995,9 +998,23 @@ impl Pit {
                     .saturating_add(rises)
                     .min(u64::from(MAX_PENDING_TICKS));
                 self.state.pending_ticks = p as u32;
+                if self.state.awaiting_ack && rises > 0 {
+                    // An edge the guest can no longer take (the PIC was
+                    // re-initialised, the line masked) would stall the
+                    // reinjection for good; KVM clears it through its mask
+                    // notifiers. Tandem gives up on an edge after two
+                    // periods without an acknowledgement: at worst one tick
+                    // merges with one still pending in the IRR.
+                    self.state.unacked_periods =
+                        self.state.unacked_periods.saturating_add(rises as u32);
+                    if self.state.unacked_periods >= 2 {
+                        self.state.awaiting_ack = false;
+                    }
+                }
                 if self.state.pending_ticks > 0 && !self.state.awaiting_ack {
                     self.state.pending_ticks -= 1;
                     self.state.awaiting_ack = true;
+                    self.state.unacked_periods = 0;
                     self.pulse_irq0();
                 }
             }
@@ -1012,6 +1029,7 @@ impl Pit {
     fn reset_reinject(&mut self) {
         self.state.pending_ticks = 0;
         self.state.awaiting_ack = false;
+        self.state.unacked_periods = 0;
     }
 
     /// A read of PIT port `offset` (0-2: counters, 3: control word).
@@ -1981,15 +1999,18 @@ mod tests {
         assert_eq!(pc.pit.lock().unwrap().pending_ticks(), 1);
         pc.pit.lock().unwrap().irq_acked();
         assert_eq!(pc.line.rises(), 12);
-        // Unmasking drops what is held back.
+        // Two periods without an acknowledge: the edge is given up on and
+        // the next held-back tick goes out.
         pc.at_tick(1 + 1193 * 15);
         pc.run_timers();
-        assert_eq!(pc.pit.lock().unwrap().pending_ticks(), 3);
+        assert_eq!(pc.line.rises(), 13);
+        assert_eq!(pc.pit.lock().unwrap().pending_ticks(), 2);
+        // Unmasking drops what is held back.
         pc.pit.lock().unwrap().irq_unmasked();
         assert_eq!(pc.pit.lock().unwrap().pending_ticks(), 0);
         pc.at_tick(1 + 1193 * 16);
         pc.run_timers();
-        assert_eq!(pc.line.rises(), 13);
+        assert_eq!(pc.line.rises(), 14);
     }
 
     #[test]

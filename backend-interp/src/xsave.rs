@@ -1,0 +1,342 @@
+//! CMPXCHG8B / CMPXCHG16B, XGETBV / XSETBV and the state-save instructions
+//! (FXSAVE, FXRSTOR, XSAVE, XSAVEOPT, XRSTOR).
+//!
+//! The interpreter does not execute x87 or SSE, but it carries their state
+//! (`FpuState::xsave`, in the standard XSAVE layout) so that it round-trips
+//! to KVM; these instructions move that state between the buffer and guest
+//! memory exactly as the SDM describes (vol. 1, chapter 13).
+
+use iced_x86::{Instruction, Mnemonic, Register};
+use tandem_core::cpu::{cr0, cr4};
+
+use crate::flags::ZF;
+use crate::{InterpVcpu, Stop, R};
+
+const UD: Stop = Stop::Exc(6, None);
+const NM: Stop = Stop::Exc(7, None);
+const GP0: Stop = Stop::Exc(13, Some(0));
+
+/// Offset of the XSAVE header (XSTATE_BV, XCOMP_BV) in the standard form.
+const HEADER: usize = 512;
+/// Offset and size of the MXCSR and MXCSR_MASK pair.
+const MXCSR: usize = 24;
+/// MXCSR_MASK when the image leaves it 0 (SDM vol. 1, 11.6.6: DAZ clear).
+const DEFAULT_MXCSR_MASK: u32 = 0xffbf;
+
+/// Standard-form components beyond x87 and SSE: (bit, offset, size), as
+/// CPUID leaf 0xD reports them on Intel processors: AVX, the MPX pair,
+/// AVX-512's opmask / ZMM_Hi256 / Hi16_ZMM, PKRU.
+const EXTENDED: &[(u32, usize, usize)] = &[
+    (2, 576, 256),
+    (3, 960, 64),
+    (4, 1024, 64),
+    (5, 1088, 64),
+    (6, 1152, 512),
+    (7, 1664, 1024),
+    (9, 2688, 8),
+];
+
+/// XCR0 bits XSETBV accepts.
+const XCR0_SUPPORTED: u64 = 0x2ff;
+
+/// The byte ranges of the legacy region component `bit` (0: x87, 1: SSE)
+/// occupies, excluding MXCSR; XMM8-15 only in 64-bit mode.
+fn legacy_ranges(bit: u32, long: bool) -> &'static [(usize, usize)] {
+    match (bit, long) {
+        // FCW FSW FTW FOP FIP FDP, then ST0-7.
+        (0, _) => &[(0, 24), (32, 160)],
+        (_, true) => &[(160, 416)],
+        (_, false) => &[(160, 288)],
+    }
+}
+
+/// Whether `xcr0` is a value XSETBV accepts (SDM vol. 2, XSETBV): x87
+/// always on, AVX needs SSE, the MPX pair together, the three AVX-512
+/// components together and with AVX.
+pub(crate) fn valid_xcr0(xcr0: u64) -> bool {
+    let bit = |n: u32| xcr0 & (1 << n) != 0;
+    xcr0 & !XCR0_SUPPORTED == 0
+        && bit(0)
+        && (!bit(2) || bit(1))
+        && (bit(3) == bit(4))
+        && (xcr0 & 0xe0 == 0 || (xcr0 & 0xe0 == 0xe0 && bit(2)))
+}
+
+impl InterpVcpu {
+    fn fpu_u64(&self, off: usize) -> u64 {
+        let mut b = [0u8; 8];
+        if let Some(s) = self.fpu.xsave.get(off..off + 8) {
+            b.copy_from_slice(s);
+        }
+        u64::from_le_bytes(b)
+    }
+
+    fn set_fpu_u64(&mut self, off: usize, v: u64) {
+        if let Some(s) = self.fpu.xsave.get_mut(off..off + 8) {
+            s.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn mxcsr_mask(&self) -> u32 {
+        let m = (self.fpu_u64(MXCSR) >> 32) as u32;
+        if m == 0 {
+            DEFAULT_MXCSR_MASK
+        } else {
+            m
+        }
+    }
+
+    /// Makes the buffer the full 4 KiB standard area.
+    fn fpu_area(&mut self) {
+        if self.fpu.xsave.len() < 4096 {
+            self.fpu.xsave.resize(4096, 0);
+        }
+    }
+
+    /// Copies `[a, b)` of the buffer to guest memory at `seg:base + a`.
+    fn save_range(&mut self, seg: Register, base: u64, a: usize, b: usize) -> R<()> {
+        for off in (a..b).step_by(8) {
+            let v = self.fpu_u64(off);
+            self.write_mem(seg, base.wrapping_add(off as u64), 8, v)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `[a, b)` of the image at `seg:base` into `img`.
+    fn load_range(
+        &mut self,
+        img: &mut [u8],
+        seg: Register,
+        base: u64,
+        a: usize,
+        b: usize,
+    ) -> R<()> {
+        for off in (a..b).step_by(8) {
+            let v = self.read_mem(seg, base.wrapping_add(off as u64), 8)?;
+            if let Some(s) = img.get_mut(off..off + 8) {
+                s.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks every XSAVE-family instruction makes first.
+    fn xsave_checks(&self) -> R<()> {
+        if self.sregs.cr4 & cr4::OSXSAVE == 0 {
+            return Err(UD);
+        }
+        if self.sregs.cr0 & cr0::TS != 0 {
+            return Err(NM);
+        }
+        Ok(())
+    }
+
+    /// The memory operand's offset, which must be aligned to `align`.
+    fn aligned_ea(&self, i: &Instruction, align: u64) -> R<u64> {
+        let ea = self.ea(i);
+        let la = self.linear(i.memory_segment(), ea)?;
+        if la % align != 0 {
+            return Err(GP0);
+        }
+        Ok(ea)
+    }
+
+    pub(crate) fn exec_cmpxchg8b16b(&mut self, i: &Instruction, m: Mnemonic) -> R<()> {
+        let wide = m == Mnemonic::Cmpxchg16b;
+        let seg = i.memory_segment();
+        let ea = self.ea(i);
+        let half = if wide { 8 } else { 4 };
+        if wide {
+            // SDM vol. 2, CMPXCHG16B: #GP(0) if m128 is not 16-byte aligned.
+            let la = self.linear(seg, ea)?;
+            if la % 16 != 0 {
+                return Err(GP0);
+            }
+        }
+        let lo = self.read_mem(seg, ea, half)?;
+        let hi = self.read_mem(seg, ea.wrapping_add(half as u64), half)?;
+        let m = crate::flags::mask(half);
+        let (rax, rdx) = (self.gpr[0] & m, self.gpr[2] & m);
+        if lo == rax && hi == rdx {
+            let (rbx, rcx) = (self.gpr[3] & m, self.gpr[1] & m);
+            self.write_mem(seg, ea, half, rbx)?;
+            self.write_mem(seg, ea.wrapping_add(half as u64), half, rcx)?;
+            self.rflags |= ZF;
+        } else {
+            // The destination is written back with its own value: the
+            // processor always writes (SDM: "the destination operand is
+            // written back if the comparison fails").
+            self.write_mem(seg, ea, half, lo)?;
+            self.write_mem(seg, ea.wrapping_add(half as u64), half, hi)?;
+            // 32-bit writes zero-extend in 64-bit mode.
+            self.gpr[0] = lo;
+            self.gpr[2] = hi;
+            self.rflags &= !ZF;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn exec_xgetbv(&mut self) -> R<()> {
+        if self.sregs.cr4 & cr4::OSXSAVE == 0 {
+            return Err(UD);
+        }
+        let v = match self.gpr[1] as u32 {
+            0 => self.fpu.xcr0,
+            // XINUSE & XCR0 (CPUID.(EAX=0DH,ECX=1):EAX[2]).
+            1 => self.fpu_u64(HEADER) & self.fpu.xcr0,
+            _ => return Err(GP0),
+        };
+        self.gpr[0] = v & 0xffff_ffff;
+        self.gpr[2] = v >> 32;
+        Ok(())
+    }
+
+    pub(crate) fn exec_xsetbv(&mut self) -> R<()> {
+        if self.sregs.cr4 & cr4::OSXSAVE == 0 {
+            return Err(UD);
+        }
+        if self.cpl() != 0 || self.gpr[1] as u32 != 0 {
+            return Err(GP0);
+        }
+        let v = (self.gpr[2] << 32) | (self.gpr[0] & 0xffff_ffff);
+        if !valid_xcr0(v) {
+            return Err(GP0);
+        }
+        self.fpu.xcr0 = v;
+        Ok(())
+    }
+
+    pub(crate) fn exec_fxsave(&mut self, i: &Instruction) -> R<()> {
+        if self.sregs.cr0 & (cr0::TS | cr0::EM) != 0 {
+            return Err(NM);
+        }
+        let ea = self.aligned_ea(i, 16)?;
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let long = self.bitness == 64;
+        self.save_range(seg, ea, 0, 160)?;
+        let (_, end) = legacy_ranges(1, long)[0];
+        self.save_range(seg, ea, 160, end)
+    }
+
+    pub(crate) fn exec_fxrstor(&mut self, i: &Instruction) -> R<()> {
+        if self.sregs.cr0 & (cr0::TS | cr0::EM) != 0 {
+            return Err(NM);
+        }
+        let ea = self.aligned_ea(i, 16)?;
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let long = self.bitness == 64;
+        let mut img = self.fpu.xsave.clone();
+        let (_, end) = legacy_ranges(1, long)[0];
+        self.load_range(&mut img, seg, ea, 0, end)?;
+        let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
+        if mxcsr & !self.mxcsr_mask() != 0 {
+            return Err(GP0);
+        }
+        // MXCSR_MASK is not loaded.
+        img[28..32].copy_from_slice(&self.fpu.xsave[28..32]);
+        self.fpu.xsave = img;
+        // x87 and SSE state are now in use: a later XSAVE (and KVM, which
+        // loads only components whose XSTATE_BV bit is set) takes them from
+        // the area.
+        let bv = self.fpu_u64(HEADER) | 3;
+        self.set_fpu_u64(HEADER, bv);
+        Ok(())
+    }
+
+    /// XSAVE and XSAVEOPT (which may skip unmodified components; saving
+    /// them all is allowed) in the standard form.
+    pub(crate) fn exec_xsave(&mut self, i: &Instruction) -> R<()> {
+        self.xsave_checks()?;
+        let ea = self.aligned_ea(i, 64)?;
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let rfbm = self.fpu.xcr0 & ((self.gpr[2] << 32) | (self.gpr[0] & 0xffff_ffff));
+        let long = self.bitness == 64;
+        let inuse = self.fpu_u64(HEADER);
+        // Read the header first, so that a fault leaves nothing half done
+        // in the header word.
+        let old_bv = self.read_mem(seg, ea.wrapping_add(HEADER as u64), 8)?;
+        for bit in 0..2 {
+            if rfbm & (1 << bit) != 0 {
+                for &(a, b) in legacy_ranges(bit, long) {
+                    self.save_range(seg, ea, a, b)?;
+                }
+            }
+        }
+        if rfbm & 0b110 != 0 {
+            self.save_range(seg, ea, MXCSR, MXCSR + 8)?;
+        }
+        for &(bit, off, size) in EXTENDED {
+            if rfbm & (1 << bit) != 0 {
+                self.save_range(seg, ea, off, off + size)?;
+            }
+        }
+        let bv = (old_bv & !rfbm) | (inuse & rfbm);
+        self.write_mem(seg, ea.wrapping_add(HEADER as u64), 8, bv)
+    }
+
+    /// XRSTOR from a standard-form image (SDM vol. 1, 13.8).
+    pub(crate) fn exec_xrstor(&mut self, i: &Instruction) -> R<()> {
+        self.xsave_checks()?;
+        let ea = self.aligned_ea(i, 64)?;
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let rfbm = self.fpu.xcr0 & ((self.gpr[2] << 32) | (self.gpr[0] & 0xffff_ffff));
+        let long = self.bitness == 64;
+        let hdr = ea.wrapping_add(HEADER as u64);
+        let xstate_bv = self.read_mem(seg, hdr, 8)?;
+        let xcomp_bv = self.read_mem(seg, hdr.wrapping_add(8), 8)?;
+        let reserved = self.read_mem(seg, hdr.wrapping_add(16), 8)?;
+        // Standard form: XCOMP_BV and the next 8 bytes are 0, and XSTATE_BV
+        // names only components XCR0 enables. (The compacted form, which
+        // XSAVEC / XSAVES write, is not supported: its #GP is what a
+        // processor without XSAVEC gives.)
+        if xcomp_bv != 0 || reserved != 0 || xstate_bv & !self.fpu.xcr0 != 0 {
+            return Err(GP0);
+        }
+        let mut img = self.fpu.xsave.clone();
+        if rfbm & 0b110 != 0 {
+            self.load_range(&mut img, seg, ea, MXCSR, MXCSR + 8)?;
+            let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
+            if mxcsr & !self.mxcsr_mask() != 0 {
+                return Err(GP0);
+            }
+            img[28..32].copy_from_slice(&self.fpu.xsave[28..32]);
+        }
+        for bit in 0..2u32 {
+            if rfbm & (1 << bit) == 0 {
+                continue;
+            }
+            let ranges = legacy_ranges(bit, long);
+            if xstate_bv & (1 << bit) != 0 {
+                for &(a, b) in ranges {
+                    self.load_range(&mut img, seg, ea, a, b)?;
+                }
+            } else {
+                // The initial configuration: all zero, but FCW 0x37F.
+                for &(a, b) in ranges {
+                    img[a..b].fill(0);
+                }
+                if bit == 0 {
+                    img[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+                }
+            }
+        }
+        for &(bit, off, size) in EXTENDED {
+            if rfbm & (1 << bit) == 0 {
+                continue;
+            }
+            if xstate_bv & (1 << bit) != 0 {
+                self.load_range(&mut img, seg, ea, off, off + size)?;
+            } else {
+                img[off..off + size].fill(0);
+            }
+        }
+        self.fpu.xsave = img;
+        let inuse = self.fpu_u64(HEADER);
+        self.set_fpu_u64(HEADER, (inuse & !rfbm) | (xstate_bv & rfbm));
+        Ok(())
+    }
+}
