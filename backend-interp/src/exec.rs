@@ -439,6 +439,14 @@ impl InterpVcpu {
                 self.rflags &= !ZF;
                 Ok(())
             }
+            Mnemonic::Popcnt => {
+                // ZF = (source == 0); OF, SF, AF, CF, PF cleared.
+                let s = self.op_size(i, 0);
+                let v = self.read_op(i, 1, s)? & mask(s);
+                self.write_op(i, 0, s, u64::from(v.count_ones()))?;
+                self.set_arith(if v == 0 { ZF } else { 0 });
+                Ok(())
+            }
             Mnemonic::Xadd => {
                 let s = self.op_size(i, 0);
                 let a = self.read_op(i, 0, s)?;
@@ -969,6 +977,21 @@ impl InterpVcpu {
                 std::mem::swap(&mut self.sregs.gs.base, &mut self.msr.kernel_gs_base);
                 Ok(())
             }
+            Mnemonic::Clac | Mnemonic::Stac => {
+                // SMAP's RFLAGS.AC: #UD above CPL 0 (SDM vol. 2, CLAC / STAC).
+                if self.cpl() != 0 {
+                    return Err(UD);
+                }
+                if m == Mnemonic::Clac {
+                    self.rflags &= !flags::AC;
+                } else {
+                    self.rflags |= flags::AC;
+                }
+                Ok(())
+            }
+            Mnemonic::Wait => self.exec_fwait(),
+            Mnemonic::Ldmxcsr => self.exec_mxcsr(i, true),
+            Mnemonic::Stmxcsr => self.exec_mxcsr(i, false),
             Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b => self.exec_cmpxchg8b16b(i, m),
             Mnemonic::Xgetbv => self.exec_xgetbv(),
             Mnemonic::Xsetbv => self.exec_xsetbv(),
@@ -977,7 +1000,10 @@ impl InterpVcpu {
             Mnemonic::Xsave | Mnemonic::Xsave64 | Mnemonic::Xsaveopt | Mnemonic::Xsaveopt64 => {
                 self.exec_xsave(i)
             }
-            Mnemonic::Xrstor | Mnemonic::Xrstor64 => self.exec_xrstor(i),
+            Mnemonic::Xrstor | Mnemonic::Xrstor64 => self.exec_xrstor(i, false),
+            Mnemonic::Xrstors | Mnemonic::Xrstors64 => self.exec_xrstor(i, true),
+            Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.exec_xsavec(i, false),
+            Mnemonic::Xsaves | Mnemonic::Xsaves64 => self.exec_xsavec(i, true),
             Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(UD),
             _ => {
                 self.note_unimplemented(m);

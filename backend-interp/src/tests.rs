@@ -1178,3 +1178,144 @@ fn fxsave_fxrstor_round_trip_marks_x87_sse_in_use() {
         "MXCSR_MASK kept"
     );
 }
+
+#[test]
+fn xsavec_then_compacted_xrstor_round_trips() {
+    // XSAVEC with RFBM = x87 | AVX (SSE left out) packs AVX right after the
+    // header; XRSTOR of an all-init compacted image then of the saved one.
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 5)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xsavec(ptr(rsi))?;
+        a.mov(rsi, 0xa000u64)?;
+        a.xrstor(ptr(rsi))?;
+        a.hlt()?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xrstor(ptr(rsi))?;
+        a.hlt()
+    });
+    let saved = v.get_fpu().unwrap();
+    v.mem.write_u64(0xa000 + 520, (1 << 63) | 5).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.mem.read_u64(0x9000 + 512).unwrap(), 5, "XSTATE_BV");
+    assert_eq!(
+        v.mem.read_u64(0x9000 + 520).unwrap(),
+        (1 << 63) | 5,
+        "XCOMP_BV"
+    );
+    assert_eq!(v.mem.read_u64(0x9000 + 576).unwrap(), 0xf8f9_fafb_fcfd_feff);
+    assert_eq!(v.mem.read_u64(0x9000 + 160).unwrap(), 0, "XMM not saved");
+    let init = v.get_fpu().unwrap();
+    assert!(
+        init.xsave[576..832].iter().all(|&b| b == 0),
+        "AVX initialised"
+    );
+    assert_eq!(
+        init.xsave[160], saved.xsave[160],
+        "SSE untouched (not in RFBM)"
+    );
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let back = v.get_fpu().unwrap();
+    assert_eq!(back.xsave[32..160], saved.xsave[32..160]);
+    assert_eq!(back.xsave[576..832], saved.xsave[576..832]);
+}
+
+#[test]
+fn compacted_xrstor_header_checks() {
+    // XSTATE_BV naming a component XCOMP_BV does not: #GP(0).
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 7)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xrstors(ptr(rsi))?;
+        a.hlt()
+    });
+    v.mem.write_u64(0x9000 + 512, 4).unwrap();
+    v.mem.write_u64(0x9000 + 520, (1 << 63) | 1).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+    // XRSTORS of a standard-form image: #GP(0).
+    let mut v = xsave_vcpu(|a| {
+        a.mov(eax, 7)?;
+        a.xor(edx, edx)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xrstors(ptr(rsi))?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+}
+
+#[test]
+fn popcnt_counts_and_sets_zf_only_for_zero() {
+    let (out, f) = alu(|a| a.popcnt(rax, rbx), 0, 0xf0f0, 0, CF | OF | SF);
+    assert_eq!((out, f), (8, 0));
+    let (out, f) = alu(|a| a.popcnt(eax, ebx), 5, 0, 0, CF);
+    assert_eq!((out, f), (0, ZF));
+}
+
+#[test]
+fn stac_clac_move_rflags_ac() {
+    let mut v = with(|a| {
+        a.stac()?;
+        a.pushfq()?;
+        a.clac()?;
+        a.pushfq()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    let ac = 1u64 << 18;
+    assert_eq!(r.rflags & ac, 0, "CLAC cleared AC");
+    assert_ne!(v.mem.read_u64(r.rsp + 8).unwrap() & ac, 0, "STAC set AC");
+}
+
+#[test]
+fn fwait_is_nm_only_with_mp_and_ts() {
+    let mut v = with(|a| {
+        a.wait()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(
+        v.get_regs().unwrap().rip,
+        CODE + 2,
+        "no pending x87 exception"
+    );
+    let mut v = with(|a| {
+        a.wait()?;
+        a.hlt()
+    });
+    let mut s = v.get_sregs().unwrap();
+    s.cr0 |= cr0::MP | cr0::TS;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 7 * 16 + 1, "#NM");
+}
+
+#[test]
+fn ldmxcsr_stmxcsr_carry_mxcsr_and_check_reserved_bits() {
+    let mut v = xsave_vcpu(|a| {
+        a.mov(rsi, 0x9000u64)?;
+        a.ldmxcsr(dword_ptr(rsi))?;
+        a.stmxcsr(dword_ptr(rsi + 4))?;
+        a.ldmxcsr(dword_ptr(rsi + 8))?;
+        a.hlt()
+    });
+    let mut s = v.get_sregs().unwrap();
+    s.cr4 |= cr4::OSFXSR;
+    v.set_sregs(&s).unwrap();
+    v.mem.write_u32(0x9000, 0x9f80).unwrap();
+    v.mem.write_u32(0x9008, 0x1_0000).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.mem.read_u32(0x9004).unwrap(), 0x9f80);
+    let f = v.get_fpu().unwrap();
+    assert_eq!(&f.xsave[24..28], &0x9f80u32.to_le_bytes());
+    assert_eq!(f.xsave[512] & 2, 2, "SSE marked in use");
+    assert_eq!(
+        v.get_regs().unwrap().rip,
+        HANDLERS + 13 * 16 + 1,
+        "bit 16: #GP"
+    );
+}

@@ -1,5 +1,8 @@
 //! CMPXCHG8B / CMPXCHG16B, XGETBV / XSETBV and the state-save instructions
-//! (FXSAVE, FXRSTOR, XSAVE, XSAVEOPT, XRSTOR).
+//! (FXSAVE, FXRSTOR, XSAVE, XSAVEOPT, XSAVEC, XSAVES, XRSTOR, XRSTORS).
+//!
+//! IA32_XSS is taken as 0 (no supervisor state components): XSAVES and
+//! XRSTORS are XSAVEC and compacted-form XRSTOR restricted to CPL 0.
 //!
 //! The interpreter does not execute x87 or SSE, but it carries their state
 //! (`FpuState::xsave`, in the standard XSAVE layout) so that it round-trips
@@ -8,6 +11,7 @@
 
 use iced_x86::{Instruction, Mnemonic, Register};
 use tandem_core::cpu::{cr0, cr4};
+use tandem_core::vcpu::VcpuExit;
 
 use crate::flags::ZF;
 use crate::{InterpVcpu, Stop, R};
@@ -35,6 +39,36 @@ const EXTENDED: &[(u32, usize, usize)] = &[
     (7, 1664, 1024),
     (9, 2688, 8),
 ];
+
+/// XCOMP_BV[63]: the image is in the compacted form.
+const COMPACTED: u64 = 1 << 63;
+
+/// Where the extended components of `bv` lie in a compacted-form image:
+/// (bit, offset in the image, offset in the standard form, size), packed
+/// from 576 in bit order (none of these components asks for 64-byte
+/// alignment, CPUID.(0xD,i):ECX[1]). `None` when `bv` names a component
+/// this table does not know.
+fn compacted_layout(bv: u64) -> Option<Vec<(u32, usize, usize, usize)>> {
+    let known = EXTENDED.iter().fold(3u64, |m, &(b, _, _)| m | (1 << b));
+    if bv & !known & !COMPACTED != 0 {
+        return None;
+    }
+    let mut off = 576;
+    let mut out = Vec::new();
+    for &(bit, std_off, size) in EXTENDED {
+        if bv & (1 << bit) != 0 {
+            out.push((bit, off, std_off, size));
+            off += size;
+        }
+    }
+    Some(out)
+}
+
+fn unknown_component(bv: u64) -> Stop {
+    Stop::Exit(VcpuExit::Unhandled(format!(
+        "the interpreter does not know the XSAVE layout of state components {bv:#x}"
+    )))
+}
 
 /// XCR0 bits XSETBV accepts.
 const XCR0_SUPPORTED: u64 = 0x2ff;
@@ -176,6 +210,50 @@ impl InterpVcpu {
         Ok(())
     }
 
+    /// WAIT / FWAIT: #NM when CR0.MP and CR0.TS are set, #MF when the
+    /// x87 status word has an unmasked exception pending (FSW.ES) and
+    /// CR0.NE is set (SDM vol. 2, WAIT/FWAIT; vol. 1, 8.7).
+    pub(crate) fn exec_fwait(&mut self) -> R<()> {
+        let c = self.sregs.cr0;
+        if c & cr0::MP != 0 && c & cr0::TS != 0 {
+            return Err(NM);
+        }
+        if self.fpu_u64(0) & (1 << 23) != 0 && c & cr0::NE != 0 {
+            return Err(Stop::Exc(16, None));
+        }
+        Ok(())
+    }
+
+    /// LDMXCSR / STMXCSR (SDM vol. 2): #UD without CR4.OSFXSR or with
+    /// CR0.EM, #NM with CR0.TS, #GP(0) for reserved MXCSR bits.
+    pub(crate) fn exec_mxcsr(&mut self, i: &Instruction, load: bool) -> R<()> {
+        if self.sregs.cr4 & cr4::OSFXSR == 0 || self.sregs.cr0 & cr0::EM != 0 {
+            return Err(UD);
+        }
+        if self.sregs.cr0 & cr0::TS != 0 {
+            return Err(NM);
+        }
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let ea = self.ea(i);
+        if load {
+            let v = self.read_mem(seg, ea, 4)? as u32;
+            if v & !self.mxcsr_mask() != 0 {
+                return Err(GP0);
+            }
+            self.fpu.xsave[24..28].copy_from_slice(&v.to_le_bytes());
+            if v != 0x1f80 {
+                // Keep KVM_SET_XSAVE taking MXCSR (see `exec_xrstor`).
+                let bv = self.fpu_u64(HEADER) | 0b10;
+                self.set_fpu_u64(HEADER, bv);
+            }
+            Ok(())
+        } else {
+            let v = self.fpu_u64(MXCSR) & 0xffff_ffff;
+            self.write_mem(seg, ea, 4, v)
+        }
+    }
+
     pub(crate) fn exec_xgetbv(&mut self) -> R<()> {
         if self.sregs.cr4 & cr4::OSXSAVE == 0 {
             return Err(UD);
@@ -277,9 +355,13 @@ impl InterpVcpu {
         self.write_mem(seg, ea.wrapping_add(HEADER as u64), 8, bv)
     }
 
-    /// XRSTOR from a standard-form image (SDM vol. 1, 13.8).
-    pub(crate) fn exec_xrstor(&mut self, i: &Instruction) -> R<()> {
+    /// XRSTOR (standard or compacted form) and, with `supervisor`, XRSTORS
+    /// (compacted only, CPL 0), SDM vol. 1, 13.8 and 13.12.
+    pub(crate) fn exec_xrstor(&mut self, i: &Instruction, supervisor: bool) -> R<()> {
         self.xsave_checks()?;
+        if supervisor && self.cpl() != 0 {
+            return Err(GP0);
+        }
         let ea = self.aligned_ea(i, 64)?;
         self.fpu_area();
         let seg = i.memory_segment();
@@ -288,22 +370,49 @@ impl InterpVcpu {
         let hdr = ea.wrapping_add(HEADER as u64);
         let xstate_bv = self.read_mem(seg, hdr, 8)?;
         let xcomp_bv = self.read_mem(seg, hdr.wrapping_add(8), 8)?;
-        let reserved = self.read_mem(seg, hdr.wrapping_add(16), 8)?;
-        // Standard form: XCOMP_BV and the next 8 bytes are 0, and XSTATE_BV
-        // names only components XCR0 enables. (The compacted form, which
-        // XSAVEC / XSAVES write, is not supported: its #GP is what a
-        // processor without XSAVEC gives.)
-        if xcomp_bv != 0 || reserved != 0 || xstate_bv & !self.fpu.xcr0 != 0 {
-            return Err(GP0);
-        }
+        let compacted = xcomp_bv & COMPACTED != 0;
+        let layout = if compacted {
+            // XCOMP_BV[62:0] within XCR0 (| IA32_XSS, 0 here), XSTATE_BV
+            // within XCOMP_BV, header bytes 63:16 zero.
+            if xcomp_bv & !COMPACTED & !self.fpu.xcr0 != 0 || xstate_bv & !xcomp_bv != 0 {
+                return Err(GP0);
+            }
+            for q in 2..8u64 {
+                if self.read_mem(seg, hdr.wrapping_add(8 * q), 8)? != 0 {
+                    return Err(GP0);
+                }
+            }
+            compacted_layout(xcomp_bv).ok_or_else(|| unknown_component(xcomp_bv))?
+        } else {
+            // Standard form: XCOMP_BV and the next 8 bytes zero, XSTATE_BV
+            // within XCR0; XRSTORS takes only the compacted form.
+            let reserved = self.read_mem(seg, hdr.wrapping_add(16), 8)?;
+            if supervisor || xcomp_bv != 0 || reserved != 0 || xstate_bv & !self.fpu.xcr0 != 0 {
+                return Err(GP0);
+            }
+            EXTENDED
+                .iter()
+                .map(|&(bit, off, size)| (bit, off, off, size))
+                .collect()
+        };
         let mut img = self.fpu.xsave.clone();
-        if rfbm & 0b110 != 0 {
+        // MXCSR: the standard form loads it whenever RFBM has SSE or AVX;
+        // the compacted form only with their XSTATE_BV bit, else it is
+        // initialised.
+        let load_mxcsr = if compacted {
+            rfbm & xstate_bv & 0b110 != 0
+        } else {
+            rfbm & 0b110 != 0
+        };
+        if load_mxcsr {
             self.load_range(&mut img, seg, ea, MXCSR, MXCSR + 8)?;
             let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
             if mxcsr & !self.mxcsr_mask() != 0 {
                 return Err(GP0);
             }
             img[28..32].copy_from_slice(&self.fpu.xsave[28..32]);
+        } else if rfbm & 0b110 != 0 {
+            img[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
         }
         for bit in 0..2u32 {
             if rfbm & (1 << bit) == 0 {
@@ -324,19 +433,68 @@ impl InterpVcpu {
                 }
             }
         }
-        for &(bit, off, size) in EXTENDED {
+        for &(bit, from, to, size) in &layout {
             if rfbm & (1 << bit) == 0 {
                 continue;
             }
             if xstate_bv & (1 << bit) != 0 {
-                self.load_range(&mut img, seg, ea, off, off + size)?;
+                let mut comp = vec![0u8; size];
+                self.load_range(&mut comp, seg, ea.wrapping_add(from as u64), 0, size)?;
+                img[to..to + size].copy_from_slice(&comp);
             } else {
-                img[off..off + size].fill(0);
+                img[to..to + size].fill(0);
             }
         }
+        let mxcsr = u32::from_le_bytes([img[24], img[25], img[26], img[27]]);
         self.fpu.xsave = img;
         let inuse = self.fpu_u64(HEADER);
-        self.set_fpu_u64(HEADER, (inuse & !rfbm) | (xstate_bv & rfbm));
+        let mut bv = (inuse & !rfbm) | (xstate_bv & rfbm);
+        // MXCSR is loaded whatever XSTATE_BV[1] says, but KVM_SET_XSAVE
+        // (like the kernel's XSAVE image parsing) takes MXCSR only when the
+        // header has SSE or AVX in use. Reporting SSE in use with its
+        // registers in their initial state is allowed (XINUSE[i] may be 1
+        // for a component in its initial configuration, SDM vol. 1, 13.6).
+        if rfbm & 0b110 != 0 && mxcsr != 0x1f80 {
+            bv |= 0b10;
+        }
+        self.set_fpu_u64(HEADER, bv);
         Ok(())
+    }
+
+    /// XSAVEC and, with `supervisor`, XSAVES (CPL 0): the compacted form
+    /// with only the components in use (SDM vol. 1, 13.10 and 13.11).
+    pub(crate) fn exec_xsavec(&mut self, i: &Instruction, supervisor: bool) -> R<()> {
+        self.xsave_checks()?;
+        if supervisor && self.cpl() != 0 {
+            return Err(GP0);
+        }
+        let ea = self.aligned_ea(i, 64)?;
+        self.fpu_area();
+        let seg = i.memory_segment();
+        let rfbm = self.fpu.xcr0 & ((self.gpr[2] << 32) | (self.gpr[0] & 0xffff_ffff));
+        let layout = compacted_layout(rfbm).ok_or_else(|| unknown_component(rfbm))?;
+        let long = self.bitness == 64;
+        let saved = self.fpu_u64(HEADER) & rfbm;
+        for bit in 0..2 {
+            if saved & (1 << bit) != 0 {
+                for &(a, b) in legacy_ranges(bit, long) {
+                    self.save_range(seg, ea, a, b)?;
+                }
+            }
+        }
+        if rfbm & 0b110 != 0 {
+            self.save_range(seg, ea, MXCSR, MXCSR + 8)?;
+        }
+        for &(bit, to, from, size) in &layout {
+            if saved & (1 << bit) != 0 {
+                for k in (0..size).step_by(8) {
+                    let v = self.fpu_u64(from + k);
+                    self.write_mem(seg, ea.wrapping_add((to + k) as u64), 8, v)?;
+                }
+            }
+        }
+        let hdr = ea.wrapping_add(HEADER as u64);
+        self.write_mem(seg, hdr, 8, saved)?;
+        self.write_mem(seg, hdr.wrapping_add(8), 8, rfbm | COMPACTED)
     }
 }

@@ -226,6 +226,27 @@ impl Machine {
                 VcpuExit::Debug { .. } => {}
                 VcpuExit::Shutdown => return Ok(RunOutcome::TripleFault(context(vcpu))),
                 VcpuExit::EmulationFailure { insn } => {
+                    // The interpreter executes the instruction when one is
+                    // installed (it delivers INT3 / INT n through the IDT
+                    // exactly, which a stock kernel's INT3 self-test needs
+                    // on PVM); the event fast path is for machines without
+                    // it, and for what the interpreter refuses.
+                    let mut refused = None;
+                    if let Some(fb) = self.fallback.get() {
+                        match fb.execute_one(self, vcpu) {
+                            Ok(Some(done)) => {
+                                stats.fallbacks += 1;
+                                self.note_fallback(
+                                    vcpu.backend(),
+                                    &done,
+                                    "Tandem's interpreter executed it",
+                                );
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => refused = Some(e),
+                        }
+                    }
                     if let Some(done) = crate::fallback::finish_event_instruction(&self.mem, vcpu)?
                     {
                         stats.fallbacks += 1;
@@ -236,16 +257,8 @@ impl Machine {
                         );
                         continue;
                     }
-                    if let Some(fb) = self.fallback.get() {
-                        if let Some(done) = fb.execute_one(self, vcpu)? {
-                            stats.fallbacks += 1;
-                            self.note_fallback(
-                                vcpu.backend(),
-                                &done,
-                                "Tandem's interpreter executed it",
-                            );
-                            continue;
-                        }
+                    if let Some(e) = refused {
+                        return Err(e);
                     }
                     let context = context(vcpu);
                     let bytes = if insn.is_empty() {
