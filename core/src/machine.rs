@@ -170,11 +170,13 @@ impl Machine {
         crate::timer::tight_timer_slack();
         // CR8 and the LAPIC TPR are one register (SDM vol. 3, 11.8.6); the
         // processor holds CR8, the machine the TPR. `cr8` is the value both
-        // agreed on last.
+        // agreed on last. The TPR only moves through the APIC page or MSRs,
+        // so it is read back only after an exit that could have written it.
         let mut cr8 = self.interrupts.cr8(id);
         if let Some(c) = cr8 {
             vcpu.set_cr8(c);
         }
+        let mut tpr_written = false;
         loop {
             if self.control.stop_requested() {
                 if let Some(r) = self.control.stop_request() {
@@ -187,10 +189,13 @@ impl Machine {
             if d.injected.is_some() {
                 stats.injections += 1;
             }
-            if let Some(tpr) = self.interrupts.cr8(id) {
-                if cr8 != Some(tpr) {
-                    vcpu.set_cr8(tpr);
-                    cr8 = Some(tpr);
+            if tpr_written {
+                tpr_written = false;
+                if let Some(tpr) = self.interrupts.cr8(id) {
+                    if cr8 != Some(tpr) {
+                        vcpu.set_cr8(tpr);
+                        cr8 = Some(tpr);
+                    }
                 }
             }
             if !bell.enter() {
@@ -205,7 +210,14 @@ impl Machine {
                     cr8 = Some(now);
                 }
             }
-            match exit? {
+            let exit = exit?;
+            tpr_written = matches!(
+                exit,
+                VcpuExit::MmioWrite { .. }
+                    | VcpuExit::WrMsr { .. }
+                    | VcpuExit::EmulationFailure { .. }
+            );
+            match exit {
                 e @ (VcpuExit::IoOut { .. }
                 | VcpuExit::IoIn { .. }
                 | VcpuExit::MmioWrite { .. }
