@@ -197,6 +197,33 @@ pub fn usable_entry_containing(map: &[E820Entry], addr: u64, len: u64) -> Option
         .find(|e| e.kind == E820Kind::Ram && e.contains(addr, len))
 }
 
+/// Whether `[start, start+len)` lies in one usable range and below 4 GiB,
+/// where every boot protocol's 32-bit pointers reach.
+pub fn usable_below_4g(map: &[E820Entry], start: u64, len: u64) -> bool {
+    start
+        .checked_add(len)
+        .is_some_and(|end| end <= FOUR_GIB && usable_entry_containing(map, start, len).is_some())
+}
+
+/// The highest `align`-aligned base (a power of two) for `size` bytes in
+/// usable RAM with `floor <= base` and `base + size <= limit`: where loaders
+/// put an initrd.
+pub fn place_high(map: &[E820Entry], size: u64, floor: u64, limit: u64, align: u64) -> Option<u64> {
+    map.iter()
+        .rev()
+        .filter(|e| e.kind == E820Kind::Ram)
+        .find_map(|e| {
+            let top = e.end().min(limit);
+            let base = top.checked_sub(size)? & !(align - 1);
+            (base >= e.addr && base >= floor).then_some(base)
+        })
+}
+
+/// `value` rounded up to a multiple of `align` (a power of two).
+pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
+    Some(value.checked_add(align - 1)? & !(align - 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

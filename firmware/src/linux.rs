@@ -31,7 +31,7 @@ use tandem_core::cpu::{cr0, cr4, efer, rflags, DescriptorTable, Regs, Segment, S
 use tandem_core::{GuestMemory, MemoryError};
 use thiserror::Error;
 
-use crate::e820::{e820_map, usable_entry_containing, E820Entry, E820Kind, FOUR_GIB};
+use crate::e820::{align_up, e820_map, place_high, usable_below_4g, E820Entry, FOUR_GIB};
 use crate::e820::{EBDA_START, HIGH_MEMORY_START};
 use crate::multiboot::APIC_BASE_MSR_VALUE;
 
@@ -234,17 +234,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
     })
 }
 
-fn align_up(value: u64, align: u64) -> Option<u64> {
-    Some(value.checked_add(align - 1)? & !(align - 1))
-}
-
-/// Whether `[start, start+len)` lies in one usable e820 range, below 4 GiB.
-fn fits(map: &[E820Entry], start: u64, len: u64) -> bool {
-    start
-        .checked_add(len)
-        .is_some_and(|end| end <= FOUR_GIB && usable_entry_containing(map, start, len).is_some())
-}
-
 /// The setup header fields the loader uses. Fields past the end of the
 /// header the image declares read as 0.
 struct Header<'a> {
@@ -321,7 +310,7 @@ fn place_kernel(
         }
         candidates
             .into_iter()
-            .find(|&a| a >= HIGH_MEMORY_START && fits(map, a, needed))
+            .find(|&a| a >= HIGH_MEMORY_START && usable_below_4g(map, a, needed))
             .map(|a| KernelPlacement {
                 load_addr: a,
                 reserved_end: a + needed,
@@ -336,8 +325,8 @@ fn place_kernel(
             pref_address
         };
         if runtime < HIGH_MEMORY_START
-            || !fits(map, DEFAULT_LOAD_ADDR, payload_len)
-            || !fits(map, runtime, init_size)
+            || !usable_below_4g(map, DEFAULT_LOAD_ADDR, payload_len)
+            || !usable_below_4g(map, runtime, init_size)
         {
             return Err(LinuxError::KernelTooLarge {
                 needed: runtime
@@ -351,19 +340,6 @@ fn place_kernel(
             reserved_end: (DEFAULT_LOAD_ADDR + payload_len).max(runtime + init_size),
         })
     }
-}
-
-/// The highest page-aligned base for `size` bytes in usable RAM with
-/// `floor <= base` and `base + size <= limit`.
-fn place_initrd(map: &[E820Entry], size: u64, floor: u64, limit: u64) -> Option<u64> {
-    map.iter()
-        .rev()
-        .filter(|e| e.kind == E820Kind::Ram)
-        .find_map(|e| {
-            let top = e.end().min(limit);
-            let base = top.checked_sub(size)? & !(PAGE_SIZE - 1);
-            (base >= e.addr && base >= floor).then_some(base)
-        })
 }
 
 /// Loads a bzImage with an optional initrd and command line into `mem` and
@@ -434,7 +410,7 @@ pub fn load_bzimage(
         (PAGE_TABLES_ADDR, PAGE_TABLES_SIZE),
         (CMDLINE_ADDR, cmdline_len + 1),
     ] {
-        if !fits(&map, addr, len) {
+        if !usable_below_4g(&map, addr, len) {
             return Err(LinuxError::Memory(MemoryError::OutOfRange {
                 gpa: addr,
                 len,
@@ -450,7 +426,7 @@ pub fn load_bzimage(
             let floor = align_up(kernel.reserved_end, PAGE_SIZE).unwrap_or(u64::MAX);
             // initrd_addr_max is the highest address the initrd may occupy.
             let limit = (u64::from(hdr.u32(offsets::INITRD_ADDR_MAX)) + 1).min(FOUR_GIB);
-            let base = place_initrd(&map, size, floor, limit)
+            let base = place_high(&map, size, floor, limit, PAGE_SIZE)
                 .ok_or(LinuxError::InitrdTooLarge { size, floor, limit })?;
             Some((base, data))
         }

@@ -34,7 +34,10 @@ use tandem_core::cpu::{cr0, rflags, DescriptorTable, Regs, Segment, Sregs, VcpuS
 use tandem_core::{GuestMemory, MemoryError};
 use thiserror::Error;
 
-use crate::e820::{e820_map, usable_entry_containing, E820Entry, FOUR_GIB, HIGH_MEMORY_START};
+use crate::e820::{
+    align_up, e820_map, usable_below_4g, usable_entry_containing, E820Entry, FOUR_GIB,
+    HIGH_MEMORY_START,
+};
 
 /// `magic` field of the multiboot header.
 pub const MULTIBOOT_HEADER_MAGIC: u32 = 0x1BAD_B002;
@@ -258,10 +261,6 @@ fn read_u32(image: &[u8], offset: usize) -> Option<u32> {
     let end = offset.checked_add(4)?;
     let bytes = image.get(offset..end)?;
     Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-}
-
-fn align_up(value: u64, align: u64) -> Option<u64> {
-    Some(value.checked_add(align - 1)? & !(align - 1))
 }
 
 fn truncated(what: impl Into<String>, start: u64, end: u64, file_len: usize) -> MultibootError {
@@ -589,13 +588,9 @@ fn place_info(map: &[E820Entry], image_end: u64, total: u64) -> Result<u64, Mult
         start: image_end,
         needed: total,
     })?;
-    let fits = |base: u64| {
-        base.checked_add(total).is_some_and(|end| end <= FOUR_GIB)
-            && usable_entry_containing(map, base, total).is_some()
-    };
     [first, first.max(HIGH_MEMORY_START)]
         .into_iter()
-        .find(|&base| fits(base))
+        .find(|&base| usable_below_4g(map, base, total))
         .ok_or(MultibootError::TooLarge {
             start: first,
             needed: total,
@@ -656,9 +651,10 @@ pub fn load_multiboot(
     let mut image_start = u64::MAX;
     let mut image_end = 0u64;
     for seg in &parsed.segments {
-        let end = seg.end().filter(|&end| end <= FOUR_GIB);
-        let ok = end.is_some() && usable_entry_containing(&map, seg.gpa, seg.mem_size).is_some();
-        let Some(end) = end.filter(|_| ok) else {
+        let end = seg
+            .end()
+            .filter(|_| usable_below_4g(&map, seg.gpa, seg.mem_size));
+        let Some(end) = end else {
             return Err(MultibootError::SegmentOutsideRam {
                 index: seg.index,
                 start: seg.gpa,

@@ -36,7 +36,9 @@ use tandem_core::cpu::{cr0, rflags, DescriptorTable, Regs, Segment, Sregs, VcpuS
 use tandem_core::{GuestMemory, MemoryError};
 use thiserror::Error;
 
-use crate::e820::{e820_map, usable_entry_containing, E820Kind, EBDA_START, FOUR_GIB};
+use crate::e820::{
+    e820_map, place_high, usable_below_4g, usable_entry_containing, EBDA_START, FOUR_GIB,
+};
 use crate::multiboot::APIC_BASE_MSR_VALUE;
 
 /// ELF note type carrying the 32-bit physical PVH entry point.
@@ -363,8 +365,7 @@ pub fn load_pvh(
         let end = seg
             .gpa
             .checked_add(seg.mem_size)
-            .filter(|&end| end <= FOUR_GIB)
-            .filter(|_| usable_entry_containing(&map, seg.gpa, seg.mem_size).is_some())
+            .filter(|_| usable_below_4g(&map, seg.gpa, seg.mem_size))
             .ok_or(PvhError::SegmentOutsideRam {
                 index: seg.index,
                 start: seg.gpa,
@@ -396,15 +397,7 @@ pub fn load_pvh(
         None => None,
         Some(data) => {
             let size = data.len() as u64;
-            let base = map
-                .iter()
-                .rev()
-                .filter(|e| e.kind == E820Kind::Ram)
-                .find_map(|e| {
-                    let top = e.end().min(FOUR_GIB);
-                    let base = top.checked_sub(size)? & !(PAGE_SIZE - 1);
-                    (base >= e.addr && base >= floor).then_some(base)
-                })
+            let base = place_high(&map, size, floor, FOUR_GIB, PAGE_SIZE)
                 .ok_or(PvhError::InitrdTooLarge { size, floor })?;
             Some((base, data))
         }

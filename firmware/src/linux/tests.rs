@@ -2,6 +2,7 @@
 //! a hand-written setup header, followed by a payload of known bytes.
 
 use super::*;
+use crate::e820::usable_entry_containing;
 use tandem_core::paging::translate;
 
 const MIB: u64 = 1 << 20;
