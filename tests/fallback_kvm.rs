@@ -6,13 +6,9 @@
 //! gives up on them at ring 0) the once-per-instruction notes show that the
 //! interpreter did. The interpreter backend runs the same guest.
 
-use tandem_tests::{guest, kvm_or_skip, run_tandem};
+use tandem_tests::{guest, host_is_pvm, kvm_or_skip, run_tandem};
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
-
-fn host_is_pvm() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
 
 fn run(backend: &str) -> tandem_tests::Run {
     let g = guest("fallback");

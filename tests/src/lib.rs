@@ -57,6 +57,22 @@ pub fn kvm_or_skip(test: &str) -> bool {
     ok
 }
 
+/// A KVM that emulates ring 0 in software (see DEVELOPERS.md).
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The backends a test written once runs against: the interpreter always,
+/// KVM whenever /dev/kvm opens (otherwise one SKIP line for `test`'s KVM
+/// half).
+pub fn backends(test: &str) -> Vec<&'static str> {
+    let mut b = vec!["interp"];
+    if kvm_or_skip(&format!("{test} (kvm)")) {
+        b.push("kvm");
+    }
+    b
+}
+
 /// The result of one `tandem` run.
 #[derive(Debug)]
 pub struct Run {
