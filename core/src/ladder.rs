@@ -17,7 +17,8 @@
 //! when, the event is injected.
 
 use crate::cpu::Event;
-use crate::vcpu::{Vcpu, VcpuResult};
+use crate::trace::{Blocker, LadderAction, LadderEvent, TraceEvent, Tracer};
+use crate::vcpu::{Readiness, Vcpu, VcpuResult};
 
 /// The interrupt controllers as one vCPU sees them.
 pub trait InterruptSource: Send + Sync {
@@ -43,6 +44,26 @@ pub trait InterruptSource: Send + Sync {
     }
     /// A MOV to CR8 the processor reported.
     fn set_cr8(&self, _vcpu: u32, _cr8: u64) {}
+    /// Takes a pending INIT (SDM vol. 3, 9.4 and 11.6.1): the controllers
+    /// apply it to the LAPIC and the run loop resets the processor; an
+    /// application processor then waits for a start-up IPI.
+    fn take_init(&self, _vcpu: u32) -> bool {
+        false
+    }
+    /// The processor is in wait-for-SIPI: it runs nothing until a SIPI.
+    fn wait_for_sipi(&self, _vcpu: u32) -> bool {
+        false
+    }
+    /// Takes a start-up IPI received in wait-for-SIPI: its vector (the
+    /// processor starts at `vector << 12`).
+    fn take_sipi(&self, _vcpu: u32) -> Option<u8> {
+        None
+    }
+    /// For the trace: the highest requested vector the task / processor
+    /// priority holds back (SDM vol. 3, 11.8.3.1), with the PPR.
+    fn held_by_priority(&self, _vcpu: u32) -> Option<(u8, u8)> {
+        None
+    }
 }
 
 /// An interrupt system with no controllers: nothing is ever pending.
@@ -77,6 +98,103 @@ pub struct Decision {
 
 /// Runs the ladder once for `vcpu`.
 pub fn inject_events(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource) -> VcpuResult<Decision> {
+    inject_events_traced(vcpu, src, &Tracer::off())
+}
+
+/// Why a maskable interrupt cannot go in now: RFLAGS.IF, then the shadows
+/// from the interruptibility state, else an event already on its way.
+fn interrupt_blocker(vcpu: &mut dyn Vcpu, ready: Readiness) -> Blocker {
+    if !ready.if_flag {
+        return Blocker::If;
+    }
+    match vcpu.get_events() {
+        Ok(e) if e.interruptibility.sti => Blocker::StiShadow,
+        Ok(e) if e.interruptibility.mov_ss => Blocker::MovSsShadow,
+        _ => Blocker::EventInjected,
+    }
+}
+
+/// Why an NMI cannot go in now: NMI blocking or a MOV SS shadow.
+fn nmi_blocker(vcpu: &mut dyn Vcpu) -> Blocker {
+    match vcpu.get_events() {
+        Ok(e) if e.interruptibility.mov_ss => Blocker::MovSsShadow,
+        _ => Blocker::NmiBlocking,
+    }
+}
+
+/// Runs the ladder once for `vcpu`, recording each decision (and why an
+/// event was held back) in `tracer`.
+pub fn inject_events_traced(
+    vcpu: &mut dyn Vcpu,
+    src: &dyn InterruptSource,
+    tracer: &Tracer,
+) -> VcpuResult<Decision> {
+    let d = ladder(vcpu, src, tracer)?;
+    if tracer.enabled() {
+        trace_decision(vcpu, src, tracer, &d)?;
+    }
+    Ok(d)
+}
+
+/// The trace of a decision: one event per pending kind of event.
+fn trace_decision(
+    vcpu: &mut dyn Vcpu,
+    src: &dyn InterruptSource,
+    tracer: &Tracer,
+    d: &Decision,
+) -> VcpuResult<()> {
+    let cpu = vcpu.id();
+    let decision = |action, event, blocked_by| TraceEvent::LadderDecision {
+        cpu,
+        action,
+        event,
+        blocked_by,
+    };
+    // Injections were recorded by `ladder` as they were decided, before
+    // the acknowledgement they cause.
+    if d.nmi_window {
+        let b = if d.reinjection {
+            Blocker::EventInjected
+        } else {
+            nmi_blocker(vcpu)
+        };
+        tracer.emit(decision(LadderAction::Window, LadderEvent::Nmi, Some(b)));
+    }
+    if d.interrupt_window {
+        let b = if d.injected.is_some() {
+            Blocker::EventInjected
+        } else {
+            let ready = vcpu.readiness()?;
+            interrupt_blocker(vcpu, ready)
+        };
+        tracer.emit(decision(
+            LadderAction::Window,
+            LadderEvent::Interrupt,
+            Some(b),
+        ));
+    } else if d.injected.is_none() {
+        if let Some((vector, ppr)) = src.held_by_priority(cpu) {
+            tracer.emit(decision(
+                LadderAction::Held,
+                LadderEvent::Interrupt,
+                Some(Blocker::Ppr { vector, ppr }),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Records the decision to inject `event` (before its acknowledgement).
+fn trace_inject(tracer: &Tracer, cpu: u32, event: LadderEvent) {
+    tracer.emit_with(|| TraceEvent::LadderDecision {
+        cpu,
+        action: LadderAction::Inject,
+        event,
+        blocked_by: None,
+    });
+}
+
+fn ladder(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource, tracer: &Tracer) -> VcpuResult<Decision> {
     let id = vcpu.id();
     let mut d = Decision {
         injected: None,
@@ -88,6 +206,7 @@ pub fn inject_events(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource) -> VcpuResu
     // 1. An interrupted delivery goes first; nothing else may be injected
     //    with it, but windows are opened for what waits behind it.
     if let Some(ev) = vcpu.idt_vectoring() {
+        trace_inject(tracer, id, LadderEvent::Reinjection);
         vcpu.inject(ev)?;
         d.injected = Some(ev);
         d.reinjection = true;
@@ -100,6 +219,7 @@ pub fn inject_events(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource) -> VcpuResu
         // 4. NMI.
         if nmi_pending {
             if ready.nmi {
+                trace_inject(tracer, id, LadderEvent::Nmi);
                 src.ack_nmi(id);
                 let ev = Event::nmi();
                 vcpu.inject(ev)?;
@@ -111,6 +231,7 @@ pub fn inject_events(vcpu: &mut dyn Vcpu, src: &dyn InterruptSource) -> VcpuResu
         // 5. Maskable interrupt, only if nothing else goes in this entry.
         if irq_pending {
             if d.injected.is_none() && ready.interrupt {
+                trace_inject(tracer, id, LadderEvent::Interrupt);
                 if let Some(vector) = src.ack_interrupt(id) {
                     let ev = Event::external(vector);
                     vcpu.inject(ev)?;
@@ -241,6 +362,124 @@ mod tests {
         assert_eq!(v.injected, vec![Event::exception(14, Some(2))]);
         assert!(v.interrupt_window, "the waiting interrupt needs a window");
         assert_eq!(*src.acks.lock().unwrap(), 0);
+    }
+
+    /// The decisions recorded for one ladder run with `v` and `src`.
+    fn traced(v: &mut FakeVcpu, src: &Src) -> Vec<TraceEvent> {
+        let t = Tracer::new(std::sync::Arc::new(crate::clock::VirtualClock::new()));
+        let buf = t.start_memory();
+        inject_events_traced(v, src, &t).unwrap();
+        let evs = buf
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.event.clone())
+            .collect();
+        evs
+    }
+
+    fn window(blocker: Blocker, event: LadderEvent) -> TraceEvent {
+        TraceEvent::LadderDecision {
+            cpu: 0,
+            action: LadderAction::Window,
+            event,
+            blocked_by: Some(blocker),
+        }
+    }
+
+    #[test]
+    fn trace_says_what_held_an_interrupt_back() {
+        let src = Src::default();
+        src.irqs.lock().unwrap().push(0x20);
+        let mut v = FakeVcpu::new(0);
+        assert_eq!(
+            traced(&mut v, &src),
+            vec![window(Blocker::If, LadderEvent::Interrupt)]
+        );
+        v.readiness.if_flag = true;
+        v.events.interruptibility.sti = true;
+        assert_eq!(
+            traced(&mut v, &src),
+            vec![window(Blocker::StiShadow, LadderEvent::Interrupt)]
+        );
+        v.events.interruptibility.sti = false;
+        v.events.interruptibility.mov_ss = true;
+        assert_eq!(
+            traced(&mut v, &src),
+            vec![window(Blocker::MovSsShadow, LadderEvent::Interrupt)]
+        );
+        v.readiness = ready();
+        v.events.interruptibility.mov_ss = false;
+        assert_eq!(
+            traced(&mut v, &src),
+            vec![TraceEvent::LadderDecision {
+                cpu: 0,
+                action: LadderAction::Inject,
+                event: LadderEvent::Interrupt,
+                blocked_by: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn trace_says_an_nmi_waits_for_nmi_blocking_to_end() {
+        let src = Src::default();
+        *src.nmi.lock().unwrap() = true;
+        let mut v = FakeVcpu::new(0);
+        v.readiness = Readiness {
+            if_flag: true,
+            interrupt: true,
+            nmi: false,
+        };
+        v.events.interruptibility.nmi = true;
+        assert_eq!(
+            traced(&mut v, &src),
+            vec![window(Blocker::NmiBlocking, LadderEvent::Nmi)]
+        );
+    }
+
+    #[test]
+    fn trace_reports_an_interrupt_held_by_the_ppr() {
+        struct Held;
+        impl InterruptSource for Held {
+            fn nmi_pending(&self, _: u32) -> bool {
+                false
+            }
+            fn ack_nmi(&self, _: u32) {}
+            fn interrupt_pending(&self, _: u32) -> bool {
+                false
+            }
+            fn ack_interrupt(&self, _: u32) -> Option<u8> {
+                None
+            }
+            fn held_by_priority(&self, _: u32) -> Option<(u8, u8)> {
+                Some((0x41, 0x50))
+            }
+        }
+        let t = Tracer::new(std::sync::Arc::new(crate::clock::VirtualClock::new()));
+        let buf = t.start_memory();
+        let mut v = FakeVcpu::new(0);
+        v.readiness = ready();
+        let d = inject_events_traced(&mut v, &Held, &t).unwrap();
+        assert!(d.injected.is_none() && !v.interrupt_window);
+        let evs: Vec<TraceEvent> = buf
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.event.clone())
+            .collect();
+        assert_eq!(
+            evs,
+            vec![TraceEvent::LadderDecision {
+                cpu: 0,
+                action: LadderAction::Held,
+                event: LadderEvent::Interrupt,
+                blocked_by: Some(Blocker::Ppr {
+                    vector: 0x41,
+                    ppr: 0x50
+                }),
+            }]
+        );
     }
 
     #[test]

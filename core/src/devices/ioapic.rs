@@ -49,6 +49,7 @@ use thiserror::Error;
 use super::apic_bus::{ApicBus, ApicMessage, DeliveryMode, DestMode, Shorthand, TriggerMode};
 use crate::bus::BusDevice;
 use crate::irq::IsaIrqSink;
+use crate::trace::{TraceEvent, Tracer};
 
 /// Guest-physical base of the IOAPIC on the `pc` machine.
 pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
@@ -221,6 +222,7 @@ pub enum IoApicStateError {
 pub struct IoApic {
     state: IoApicState,
     bus: Arc<dyn ApicBus>,
+    tracer: Tracer,
 }
 
 impl std::fmt::Debug for IoApic {
@@ -237,7 +239,13 @@ impl IoApic {
         IoApic {
             state: IoApicState::power_on(),
             bus,
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records messages sent and remote IRR changes in `tracer`.
+    pub fn set_tracer(&mut self, tracer: Tracer) {
+        self.tracer = tracer;
     }
 
     /// RESET: ID 0, IOREGSEL 0, every entry masked and edge, no requests.
@@ -353,6 +361,11 @@ impl IoApic {
             let rte = self.rte(pin);
             if rte.vector() == vector && rte.remote_irr() {
                 self.set_rte(pin, Rte(rte.0 & !RTE_REMOTE_IRR));
+                self.tracer.emit(TraceEvent::IoapicRemoteIrr {
+                    pin: pin as u8,
+                    vector,
+                    set: false,
+                });
                 self.service(pin);
             }
         }
@@ -390,7 +403,23 @@ impl IoApic {
             self.state.irr &= !bit;
         }
         if rte.sends() {
-            self.bus.deliver(&rte.message());
+            let msg = rte.message();
+            self.tracer.emit_with(|| TraceEvent::IoapicDeliver {
+                pin: pin as u8,
+                vector: msg.vector,
+                dest: msg.dest,
+                dest_mode: msg.dest_mode,
+                mode: msg.delivery,
+                trigger: msg.trigger,
+            });
+            if rte.is_level() {
+                self.tracer.emit(TraceEvent::IoapicRemoteIrr {
+                    pin: pin as u8,
+                    vector: msg.vector,
+                    set: true,
+                });
+            }
+            self.bus.deliver(&msg);
         }
     }
 

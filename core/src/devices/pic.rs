@@ -44,6 +44,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{BusDevice, SharedDevice};
 use crate::irq::{IrqLine, IsaIrqSink};
+use crate::trace::{PicId, TraceEvent, Tracer};
 
 /// First port of the master (A0 = 0 at 0x20, A0 = 1 at 0x21).
 pub const MASTER_BASE: u64 = 0x20;
@@ -548,6 +549,16 @@ pub struct Pic {
     int_line: Arc<dyn IrqLine>,
     /// The level last driven on `int_line`.
     int_level: bool,
+    tracer: Tracer,
+}
+
+/// The IRR and ISR of both chips, to trace what an operation changed.
+#[derive(Clone, Copy)]
+struct Regs {
+    master_irr: u8,
+    master_isr: u8,
+    slave_irr: u8,
+    slave_isr: u8,
 }
 
 impl std::fmt::Debug for Pic {
@@ -568,28 +579,90 @@ impl Pic {
             slave: I8259State::power_on(Role::Slave, 0),
             int_line,
             int_level: false,
+            tracer: Tracer::off(),
+        }
+    }
+
+    /// Records IRR / ISR changes, INTA and EOIs in `tracer`.
+    pub fn set_tracer(&mut self, tracer: Tracer) {
+        self.tracer = tracer;
+    }
+
+    /// The registers to compare after an operation, when tracing.
+    fn trace_start(&self) -> Option<Regs> {
+        self.tracer.enabled().then_some(Regs {
+            master_irr: self.master.irr,
+            master_isr: self.master.isr,
+            slave_irr: self.slave.irr,
+            slave_isr: self.slave.isr,
+        })
+    }
+
+    /// Records each IRR and ISR bit that changed since `before`; ISR bits
+    /// cleared by an OCW2 (`eoi`) are EOIs.
+    fn trace_changes(&self, before: Option<Regs>, eoi: bool) {
+        let Some(b) = before else {
+            return;
+        };
+        for (chip, state, old_irr, old_isr, base) in [
+            (PicId::Master, &self.master, b.master_irr, b.master_isr, 0u8),
+            (PicId::Slave, &self.slave, b.slave_irr, b.slave_isr, 8u8),
+        ] {
+            for ir in 0..8u8 {
+                let m = bit(ir);
+                let irq = base + ir;
+                if (old_irr ^ state.irr) & m != 0 {
+                    self.tracer.emit(TraceEvent::PicIrr {
+                        chip,
+                        irq,
+                        set: state.irr & m != 0,
+                        irr: state.irr,
+                    });
+                }
+                if (old_isr ^ state.isr) & m != 0 {
+                    let set = state.isr & m != 0;
+                    self.tracer.emit(if eoi && !set {
+                        TraceEvent::PicEoi { chip, irq }
+                    } else {
+                        TraceEvent::PicIsr {
+                            chip,
+                            irq,
+                            set,
+                            isr: state.isr,
+                        }
+                    });
+                }
+            }
         }
     }
 
     /// System reset: both chips and the ELCR to their power-on state. The
     /// input lines keep their levels (the devices own them).
     pub fn reset(&mut self) {
+        let before = self.trace_start();
         self.master = I8259State::power_on(Role::Master, self.master.line_levels);
         self.slave = I8259State::power_on(Role::Slave, self.slave.line_levels);
         self.update();
+        self.trace_changes(before, false);
     }
 
     /// Drives ISA IRQ `irq` (0-15) to `level`; other numbers are ignored,
     /// and so is IRQ 2: the master's IR2 is the slave's INT (on an AT the
     /// bus's IRQ 2 pin is wired to IRQ 9).
     pub fn set_irq(&mut self, irq: u8, level: bool) {
+        let before = self.trace_start();
         match irq {
             CASCADE_IR => return,
             0..=7 => self.master.set_input(irq, level),
             8..=15 => self.slave.set_input(irq - 8, level),
             _ => return,
         }
+        self.trace_changes(before, false);
+        // The slave's INT into the master's IR2 (traced after the request
+        // itself, and before the master's INT follows).
+        let before = self.trace_start();
         self.update();
+        self.trace_changes(before, false);
     }
 
     /// The master's INT output.
@@ -612,6 +685,19 @@ impl Pic {
     /// (and QEMU models): the guest has to EOI the master for a spurious
     /// IRQ 15.
     pub fn acknowledge(&mut self) -> Inta {
+        let before = self.trace_start();
+        let inta = self.acknowledge_untraced();
+        if before.is_some() {
+            self.tracer.emit(TraceEvent::PicInta {
+                irq: inta.irq,
+                vector: inta.vector,
+            });
+        }
+        self.trace_changes(before, false);
+        inta
+    }
+
+    fn acknowledge_untraced(&mut self) -> Inta {
         let Some(ir) = self.master.resolve(Role::Master) else {
             return Inta {
                 vector: self.master.vector_base | SPURIOUS_IR,
@@ -677,6 +763,7 @@ impl Pic {
 
     /// A byte read at `offset` (0 or 1) of a port range.
     pub fn read_port(&mut self, chip: PicChip, offset: u8) -> u8 {
+        let before = self.trace_start();
         let value = match chip {
             PicChip::Master => self.master.read(Role::Master, offset),
             PicChip::Slave => self.slave.read(Role::Slave, offset),
@@ -690,11 +777,15 @@ impl Pic {
         };
         // A poll read may have put something in service.
         self.update();
+        self.trace_changes(before, false);
         value
     }
 
     /// A byte write at `offset` (0 or 1) of a port range.
     pub fn write_port(&mut self, chip: PicChip, offset: u8, value: u8) {
+        let before = self.trace_start();
+        // OCW2 (A0 = 0, D4 = D3 = 0): what it clears in the ISR is an EOI.
+        let ocw2 = chip != PicChip::Elcr && offset == 0 && value & 0x18 == 0;
         match chip {
             PicChip::Master => self.master.write(Role::Master, offset, value),
             PicChip::Slave => self.slave.write(Role::Slave, offset, value),
@@ -711,6 +802,7 @@ impl Pic {
             },
         }
         self.update();
+        self.trace_changes(before, ocw2);
     }
 
     /// Recomputes the slave's INT into the master's IR2 and the master's INT
@@ -720,6 +812,7 @@ impl Pic {
         self.master.set_input(CASCADE_IR, slave_int);
         let int = self.master.resolve(Role::Master).is_some();
         if int != self.int_level {
+            self.tracer.emit(TraceEvent::PicInt { level: int });
             self.int_level = int;
             self.int_line.set_level(int);
         }
@@ -740,6 +833,7 @@ impl Pic {
         self.slave = state.slave.clone();
         self.slave.sanitize(Role::Slave);
         self.update();
+        // Restoring is not an interrupt event: nothing is traced.
     }
 
     /// The registers of both chips, one line each, as QEMU's `info pic`
