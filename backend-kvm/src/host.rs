@@ -89,6 +89,17 @@ pub struct HostInfo {
 }
 
 /// Opens /dev/kvm and reads what Tandem needs to know.
+/// The CPUID table a VM with `vcpus` vCPUs gets on this host (KVM's
+/// supported list cut to Tandem's model), without creating a VM.
+pub fn offered_cpuid(vcpus: u32) -> Result<tandem_core::cpuid::CpuidTable, KvmError> {
+    let kvm =
+        Kvm::new().map_err(|e| KvmError::Open(std::io::Error::from_raw_os_error(e.errno())))?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(crate::ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(crate::cpuid::platform_table(&supported, vcpus.max(1)))
+}
+
 pub fn host_info() -> Result<HostInfo, KvmError> {
     let kvm =
         Kvm::new().map_err(|e| KvmError::Open(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -134,9 +145,9 @@ pub fn host_info() -> Result<HostInfo, KvmError> {
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(crate::ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let offered = crate::cpuid::platform_cpuid(&supported, 1);
+    let offered = crate::cpuid::platform_table(&supported, 1);
     let cpuid = offered
-        .as_slice()
+        .entries
         .iter()
         .map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx))
         .collect();

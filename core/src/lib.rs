@@ -7,6 +7,7 @@ pub mod bus;
 pub mod clock;
 pub mod control;
 pub mod cpu;
+pub mod cpuid;
 pub mod devices;
 pub mod fallback;
 pub mod irq;
@@ -17,6 +18,7 @@ pub mod paging;
 pub mod pc;
 pub mod testing;
 pub mod timer;
+pub mod trace;
 pub mod vcpu;
 
 pub use bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
