@@ -2,7 +2,7 @@
 //! TLB, and the memory accesses of instructions: RAM through the bounds-
 //! checked `GuestMemory`, everything else as MMIO exits.
 
-use tandem_core::cpu::{cr0, efer};
+use tandem_core::cpu::{cr0, cr4, efer};
 
 use crate::{ExtKind, InterpVcpu, Stop, R};
 
@@ -44,6 +44,10 @@ pub struct Tlb {
     /// The page instructions were last fetched from: (linear page number,
     /// physical page, CPL 3, generation).
     fetch: (u64, u64, bool, u64),
+    /// PAE paging's four PDPTE registers (SDM vol. 3, 4.4.1), loaded by
+    /// MOV to CR0 / CR3 / CR4. `None` after a flush for another reason (a
+    /// state loaded with `set_sregs`): then read from CR3 at the next walk.
+    pdpte: Option<[u64; 4]>,
 }
 
 impl Default for Tlb {
@@ -52,6 +56,7 @@ impl Default for Tlb {
             entries: [TlbEntry::default(); TLB_ENTRIES],
             generation: 0,
             fetch: (u64::MAX, 0, false, u64::MAX),
+            pdpte: None,
         }
     }
 }
@@ -65,6 +70,7 @@ impl Tlb {
     pub fn flush(&mut self) {
         self.entries = [TlbEntry::default(); TLB_ENTRIES];
         self.generation = self.generation.wrapping_add(1);
+        self.pdpte = None;
     }
 
     pub fn flush_page(&mut self, la: u64) {
@@ -83,6 +89,18 @@ const PF_W: u32 = 2;
 const PF_U: u32 = 4;
 const PF_RSVD: u32 = 8;
 const PF_I: u32 = 16;
+
+/// The BIOS ROM window below 4 GiB: the last 128 KiB of the firmware image
+/// appear both at 0xFFFE0000-0xFFFFFFFF and at 0xE0000-0xFFFFF, as on the
+/// `pc` machine. Tandem's firmware lives in low RAM, so reads and code
+/// fetches in the high window (the reset vector 0xFFFFFFF0 among them) are
+/// served from the low copy; writes there are not RAM and leave as MMIO.
+const BIOS_HIGH: u64 = 0xfffe_0000;
+const BIOS_LOW: u64 = 0xe_0000;
+
+/// Reserved bits of a present PAE PDPTE: 1-2, 5-8 and MAXPHYADDR-63
+/// (SDM vol. 3, 4.4.1).
+const PDPTE_RSVD: u64 = 0x1e6 | !((1u64 << MAXPHYADDR) - 1);
 
 impl InterpVcpu {
     /// Raises #PF for `la` with `err`, setting CR2.
@@ -111,14 +129,8 @@ impl InterpVcpu {
         if self.sregs.cr0 & cr0::PG == 0 {
             return Ok(la & 0xffff_ffff);
         }
-        if self.sregs.efer & efer::LMA == 0 {
-            // Paging without long mode is not used by the guests of this
-            // milestone: translate without access rights or A/D updates.
-            return match tandem_core::paging::translate(&self.mem, &self.sregs, la) {
-                Some(pa) => Ok(pa),
-                None => Err(self.page_fault(la, self.pf_bits(acc, user))),
-            };
-        }
+        let long = self.sregs.efer & efer::LMA != 0;
+        let la = if long { la } else { la & 0xffff_ffff };
         let vpn = la >> 12;
         let idx = (vpn as usize) % TLB_ENTRIES;
         let e = self.tlb.entries[idx];
@@ -130,7 +142,174 @@ impl InterpVcpu {
             }
             return Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)));
         }
-        self.walk(la, acc, user)
+        if long {
+            self.walk(la, acc, user)
+        } else {
+            self.walk_legacy(la, acc, user)
+        }
+    }
+
+    /// The PAE PDPTEs from the table at `cr3`, checked as MOV to CR0 / CR3 /
+    /// CR4 loads them: a reserved bit set in a present entry is #GP(0).
+    pub(crate) fn read_pdptes(&mut self, cr3: u64) -> R<[u64; 4]> {
+        let base = cr3 & 0xffff_ffe0;
+        let mut p = [0u64; 4];
+        for (n, e) in p.iter_mut().enumerate() {
+            // A table outside RAM reads as not present.
+            *e = self.mem.read_u64(base + 8 * n as u64).unwrap_or(0);
+            if *e & 1 != 0 && *e & PDPTE_RSVD != 0 {
+                return Err(Stop::Exc(13, Some(0)));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Installs PDPTEs loaded by `read_pdptes` (after the TLB flush of the
+    /// control-register write).
+    pub(crate) fn set_pdptes(&mut self, p: [u64; 4]) {
+        self.tlb.pdpte = Some(p);
+    }
+
+    /// PDPTE `n`, loading the four from CR3 if a state was set without a
+    /// MOV to CR3.
+    fn pdpte(&mut self, n: usize) -> u64 {
+        if self.tlb.pdpte.is_none() {
+            let base = self.sregs.cr3 & 0xffff_ffe0;
+            let mut p = [0u64; 4];
+            for (k, e) in p.iter_mut().enumerate() {
+                *e = self.mem.read_u64(base + 8 * k as u64).unwrap_or(0);
+            }
+            self.tlb.pdpte = Some(p);
+        }
+        self.tlb.pdpte.map_or(0, |p| p[n & 3])
+    }
+
+    /// 32-bit paging (4 KiB pages and, with CR4.PSE, 4 MiB pages with the
+    /// PSE-36 address bits) and PAE paging (PDPTE registers, 2 MiB pages,
+    /// XD with EFER.NXE), SDM vol. 3, 4.3 and 4.4, with accessed / dirty
+    /// updates and the same TLB as the 4-level walk.
+    fn walk_legacy(&mut self, la: u64, acc: Acc, user: bool) -> R<u64> {
+        let pae = self.sregs.cr4 & cr4::PAE != 0;
+        let pse = self.sregs.cr4 & cr4::PSE != 0;
+        let nxe = pae && self.sregs.efer & efer::NXE != 0;
+        let mut bits = self.pf_bits(acc, user);
+        if !pae {
+            // The I/D bit needs PAE with NXE (SDM vol. 3, 4.7).
+            bits &= !PF_I;
+        }
+        let (mut writable, mut us, mut nx) = (true, true, false);
+        let mut table = if pae {
+            let e = self.pdpte(((la >> 30) & 3) as usize);
+            if e & 1 == 0 {
+                return Err(self.page_fault(la, bits));
+            }
+            if e & PDPTE_RSVD != 0 {
+                return Err(self.page_fault(la, PF_P | PF_RSVD | bits));
+            }
+            e & ADDR_MASK
+        } else {
+            self.sregs.cr3 & 0xffff_f000
+        };
+        // (shift, index bits) of the page directory then the page table.
+        let levels: [(u32, u32); 2] = if pae {
+            [(21, 9), (12, 9)]
+        } else {
+            [(22, 10), (12, 10)]
+        };
+        for (depth, (shift, idx_bits)) in levels.into_iter().enumerate() {
+            let esize = if pae { 8 } else { 4 };
+            let ea = table + ((la >> shift) & ((1 << idx_bits) - 1)) * esize;
+            let read = if pae {
+                self.mem.read_u64(ea)
+            } else {
+                self.mem.read_u32(ea).map(u64::from)
+            };
+            let Ok(entry) = read else {
+                return Err(self.page_fault(la, bits));
+            };
+            if entry & 1 == 0 {
+                return Err(self.page_fault(la, bits));
+            }
+            let large = depth == 0 && entry & 0x80 != 0 && (pae || pse);
+            let rsvd = if pae {
+                let mut r = entry & ((1u64 << 63) - 1) & !((1u64 << MAXPHYADDR) - 1) != 0
+                    || (!nxe && entry & (1 << 63) != 0);
+                if large {
+                    // Bits 13-20 of a 2 MiB page's address are reserved.
+                    r |= entry & 0x1f_e000 != 0;
+                }
+                r
+            } else {
+                // A 4 MiB page: bits 13-20 are physical address bits 32-39
+                // (PSE-36), bit 21 is reserved.
+                large && entry & (1 << 21) != 0
+            };
+            if rsvd {
+                return Err(self.page_fault(la, PF_P | PF_RSVD | bits));
+            }
+            writable &= entry & 2 != 0;
+            us &= entry & 4 != 0;
+            nx |= nxe && entry & (1 << 63) != 0;
+            let leaf = depth == 1 || large;
+            let write_entry = |me: &mut InterpVcpu, v: u64| {
+                let _ = if pae {
+                    me.mem.write_u64(ea, v)
+                } else {
+                    me.mem.write_u32(ea, v as u32)
+                };
+            };
+            if !leaf {
+                if entry & 0x20 == 0 {
+                    write_entry(self, entry | 0x20);
+                }
+                table = if pae {
+                    entry & ADDR_MASK
+                } else {
+                    entry & 0xffff_f000
+                };
+                continue;
+            }
+            if !self.permitted(writable, us, nx, acc, user) {
+                return Err(self.page_fault(la, PF_P | bits));
+            }
+            let mut set = 0x20;
+            if acc == Acc::Write {
+                set |= 0x40;
+            }
+            if entry & set != set {
+                write_entry(self, entry | set);
+            }
+            let pa = match (pae, large) {
+                (true, true) => (entry & ADDR_MASK & !0x1f_ffff) | (la & 0x1f_ffff),
+                (false, true) => {
+                    (((entry >> 13) & 0xff) << 32) | (entry & 0xffc0_0000) | (la & 0x3f_ffff)
+                }
+                (true, false) => (entry & ADDR_MASK) | (la & 0xfff),
+                (false, false) => (entry & 0xffff_f000) | (la & 0xfff),
+            };
+            let vpn = la >> 12;
+            self.tlb.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
+                tag: vpn + 1,
+                page: pa & !0xfff,
+                writable,
+                user: us,
+                nx,
+                dirty: acc == Acc::Write || entry & 0x40 != 0,
+            };
+            return Ok(pa);
+        }
+        Err(self.page_fault(la, bits))
+    }
+
+    /// The guest-physical address an access to `pa` reads: the BIOS ROM
+    /// window below 4 GiB is served from its low copy.
+    #[inline]
+    fn rom_alias(&self, pa: u64, len: u64) -> u64 {
+        if (BIOS_HIGH..0x1_0000_0000).contains(&pa) && !self.mem.is_ram(pa, len) {
+            pa - BIOS_HIGH + BIOS_LOW
+        } else {
+            pa
+        }
     }
 
     fn permitted(&self, writable: bool, us: bool, nx: bool, acc: Acc, user: bool) -> bool {
@@ -223,6 +402,10 @@ impl InterpVcpu {
         if self.mem.read(pa, buf).is_ok() {
             return Ok(());
         }
+        let alias = self.rom_alias(pa, buf.len() as u64);
+        if alias != pa && self.mem.read(alias, buf).is_ok() {
+            return Ok(());
+        }
         let n = buf.len().min(8);
         let (v, _) = self.external(ExtKind::MmioRead, pa, n as u8, 0)?;
         buf[..n].copy_from_slice(&v.to_le_bytes()[..n]);
@@ -304,6 +487,7 @@ impl InterpVcpu {
             fpage | (la & 0xfff)
         } else {
             let pa = self.translate(la, Acc::Exec, user)?;
+            let pa = self.rom_alias(pa, 1);
             self.tlb.fetch = (vpn, pa & !0xfff, user, self.tlb.generation);
             pa
         };
@@ -334,6 +518,7 @@ impl InterpVcpu {
         if insn.is_none() && n < 15 {
             let la2 = la.wrapping_add(n as u64);
             let pa2 = self.translate(la2, Acc::Exec, user)?;
+            let pa2 = self.rom_alias(pa2, 1);
             if self.mem.read(pa2, &mut bytes[n..15]).is_ok() {
                 n = 15;
                 insn = tandem_decoder::decode_at_zero(&bytes[..n], self.bitness);
@@ -352,6 +537,9 @@ impl InterpVcpu {
     /// CR0 / CR3 / CR4 / EFER changed: the TLB caches translations and
     /// rights computed under them.
     pub(crate) fn paging_changed(&mut self) {
+        // The PDPTE registers survive writes that do not reload them.
+        let pdpte = self.tlb.pdpte;
         self.tlb.flush();
+        self.tlb.pdpte = pdpte;
     }
 }

@@ -43,7 +43,7 @@ pub fn parse_descriptor(selector: u16, raw: u64) -> Segment {
 }
 
 /// A null selector's unusable segment.
-fn null_segment(selector: u16, dpl: u8) -> Segment {
+pub(crate) fn null_segment(selector: u16, dpl: u8) -> Segment {
     Segment {
         selector,
         dpl,
@@ -52,10 +52,10 @@ fn null_segment(selector: u16, dpl: u8) -> Segment {
     }
 }
 
-fn is_code(s: &Segment) -> bool {
+pub(crate) fn is_code(s: &Segment) -> bool {
     s.type_ & 8 != 0
 }
-fn conforming(s: &Segment) -> bool {
+pub(crate) fn conforming(s: &Segment) -> bool {
     s.type_ & 0xc == 0xc
 }
 
@@ -85,8 +85,8 @@ impl InterpVcpu {
     /// The linear address of `seg:off`. In 64-bit mode only FS and GS have a
     /// base and the address must be canonical (#SS(0) for the stack, #GP(0)
     /// otherwise, SDM vol. 3, 3.3.7.1). Elsewhere the address wraps at
-    /// 4 GiB; limits are not checked in this milestone (the runtime's
-    /// segments are flat).
+    /// 4 GiB (A20 is always on). Limits and types are checked by
+    /// `read_mem` / `write_mem` (`check_segment_access` in `legacy.rs`).
     #[inline]
     pub(crate) fn linear(&self, seg: Register, off: u64) -> R<u64> {
         if self.bitness == 64 {
@@ -108,29 +108,41 @@ impl InterpVcpu {
     }
 
     pub(crate) fn read_mem(&mut self, seg: Register, off: u64, size: usize) -> R<u64> {
+        if self.bitness != 64 {
+            self.check_segment_access(seg, off, size, false)?;
+        }
         let la = self.linear(seg, off)?;
         let user = self.cpl() == 3;
         self.lin_read(la, size, user)
     }
 
     pub(crate) fn write_mem(&mut self, seg: Register, off: u64, size: usize, v: u64) -> R<()> {
+        if self.bitness != 64 {
+            self.check_segment_access(seg, off, size, true)?;
+        }
         let la = self.linear(seg, off)?;
         let user = self.cpl() == 3;
         self.lin_write(la, size, v, user)
     }
 
-    /// Reads the GDT descriptor of `sel` (no LDT: a TI=1 selector faults),
+    /// Reads the GDT or LDT descriptor of `sel`,
     /// raising `#GP(sel)` (plus `ext`) beyond the GDT limit.
-    fn descriptor(&mut self, sel: u16, ext: u32) -> R<u64> {
+    pub(crate) fn descriptor(&mut self, sel: u16, ext: u32) -> R<u64> {
         let err = Some(u32::from(sel & 0xfffc) | ext);
-        if sel & 4 != 0 {
-            return Err(Stop::Exc(GP, err));
-        }
+        let (base, limit) = if sel & 4 != 0 {
+            // TI=1: the LDT (a null LDTR faults).
+            if self.sregs.ldt.unusable {
+                return Err(Stop::Exc(GP, err));
+            }
+            (self.sregs.ldt.base, u64::from(self.sregs.ldt.limit))
+        } else {
+            (self.sregs.gdt.base, u64::from(self.sregs.gdt.limit))
+        };
         let off = u64::from(sel & 0xfff8);
-        if off + 7 > u64::from(self.sregs.gdt.limit) {
+        if off + 7 > limit {
             return Err(Stop::Exc(GP, err));
         }
-        let la = self.sregs.gdt.base.wrapping_add(off);
+        let la = base.wrapping_add(off);
         self.system_read(la, 8)
     }
 
@@ -149,8 +161,11 @@ impl InterpVcpu {
     /// `cpl` (SDM vol. 2, MOV: "Operation" for protected mode) and returns
     /// the segment to load.
     pub(crate) fn check_data_seg(&mut self, reg: Register, sel: u16, cpl: u8) -> R<Segment> {
-        if self.sregs.cr0 & cr0::PE == 0 {
-            return Ok(Segment::real_mode(sel, false));
+        // Real mode, or a load by virtual-8086 code (CPL 3; the ring-0
+        // stack of an interrupt from virtual-8086 mode is a protected-mode
+        // load): no descriptor.
+        if self.sregs.cr0 & cr0::PE == 0 || (self.rflags & VM != 0 && cpl == 3) {
+            return Ok(self.real_mode_segment(reg, sel));
         }
         let rpl = (sel & 3) as u8;
         let err = Some(u32::from(sel & 0xfffc));
@@ -191,13 +206,14 @@ impl InterpVcpu {
     /// Sets the accessed bit of a code or data descriptor being loaded, as
     /// the processor does (SDM vol. 3, 3.4.5.1), so that guest memory stays
     /// the same as on hardware.
-    fn mark_accessed(&mut self, sel: u16, raw: u64, s: &mut Segment) -> R<()> {
+    pub(crate) fn mark_accessed(&mut self, sel: u16, raw: u64, s: &mut Segment) -> R<()> {
         if raw & (1 << 40) == 0 {
-            let la = self
-                .sregs
-                .gdt
-                .base
-                .wrapping_add(u64::from(sel & 0xfff8) + 5);
+            let table = if sel & 4 != 0 {
+                self.sregs.ldt.base
+            } else {
+                self.sregs.gdt.base
+            };
+            let la = table.wrapping_add(u64::from(sel & 0xfff8) + 5);
             self.lin_write(la, 1, ((raw >> 40) & 0xff) | 1, false)
                 .map_err(|e| self.system_fault(e))?;
             s.type_ |= 1;
@@ -215,7 +231,7 @@ impl InterpVcpu {
     /// Checks a code segment `sel` as the target of a far JMP / RET at CPL
     /// `cpl` (no call gates or task switches) and returns it with its RPL
     /// and DPL set to the new CPL.
-    fn check_code_seg(&mut self, sel: u16, cpl: u8, ext: u32) -> R<Segment> {
+    pub(crate) fn check_code_seg(&mut self, sel: u16, cpl: u8, ext: u32) -> R<Segment> {
         if sel & 0xfffc == 0 {
             return Err(Stop::Exc(GP, Some(ext)));
         }
@@ -244,19 +260,37 @@ impl InterpVcpu {
         Ok(s)
     }
 
-    /// JMP ptr16:32 / JMP m16:32 to a code segment at the same privilege.
+    /// JMP ptr16:16/32 / JMP m16:16/32/64: real mode, a code segment at the
+    /// same privilege, or a call gate (see `legacy.rs`).
     pub(crate) fn far_jump(&mut self, sel: u16, off: u64) -> R<()> {
-        if self.sregs.cr0 & cr0::PE == 0 {
-            self.sregs.cs = Segment::real_mode(sel, true);
-            self.rip = off & 0xffff;
+        if !self.protected() {
+            // Real mode: the offset is checked against the cached limit
+            // (SDM vol. 2, JMP: "IF tempEIP is beyond code segment limit").
+            let cs = self.real_mode_segment(Register::CS, sel);
+            if off > u64::from(cs.limit) {
+                return Err(Stop::Exc(GP, Some(0)));
+            }
+            self.sregs.cs = cs;
+            self.rip = off;
             self.mode_changed();
             return Ok(());
         }
         let rpl = (sel & 3) as u8;
-        if rpl > self.cpl() {
-            return Err(Stop::Exc(GP, Some(u32::from(sel & 0xfffc))));
+        if sel & 0xfffc != 0 {
+            let raw = self.descriptor(sel, 0)?;
+            if raw & (1 << 44) == 0 {
+                // A call gate, TSS or task gate.
+                return self.far_to_system(sel, raw, false);
+            }
+            // A non-conforming target needs RPL <= CPL (SDM vol. 2, JMP).
+            if !conforming(&parse_descriptor(sel, raw)) && rpl > self.cpl() {
+                return Err(Stop::Exc(GP, Some(u32::from(sel & 0xfffc))));
+            }
         }
         let cs = self.check_code_seg(sel, self.cpl(), 0)?;
+        if !(self.sregs.long_mode() && cs.l) && off > u64::from(cs.limit) {
+            return Err(Stop::Exc(GP, Some(0)));
+        }
         self.sregs.cs = cs;
         self.mode_changed();
         self.rip = if self.bitness == 64 {
@@ -268,7 +302,7 @@ impl InterpVcpu {
     }
 
     /// A TSS field (`off` bytes into the TSS).
-    fn tss_read(&mut self, off: u64, size: usize, ext: u32) -> R<u64> {
+    pub(crate) fn tss_read(&mut self, off: u64, size: usize, ext: u32) -> R<u64> {
         let tr = self.sregs.tr;
         if tr.unusable || off + size as u64 - 1 > u64::from(tr.limit) {
             return Err(Stop::Exc(TS, Some(u32::from(tr.selector & 0xfffc) | ext)));
@@ -301,6 +335,14 @@ impl InterpVcpu {
         if self.sregs.cr0 & cr0::PE == 0 {
             return self.deliver_real(ev.vector, ret_rip);
         }
+        let v86 = self.rflags & VM != 0;
+        if v86
+            && ev.kind == EventKind::SoftwareInterrupt
+            && self.rflags & flags::IOPL != flags::IOPL
+        {
+            // INT n is IOPL-sensitive in virtual-8086 mode (no CR4.VME).
+            return Err(Stop::Exc(GP, Some(0)));
+        }
         let vec = u64::from(ev.vector);
         let gate_err = Some((ev.vector as u32) * 8 + 2 + ext);
         let long = self.sregs.long_mode();
@@ -318,9 +360,10 @@ impl InterpVcpu {
         let gtype = ((lo >> 40) & 0xf) as u8;
         let gdpl = ((lo >> 45) & 3) as u8;
         let cpl = self.cpl();
-        // Interrupt and trap gates only (32-bit ones outside long mode, 64-bit
-        // ones in it); task gates are not built.
-        let valid = gtype == 0xe || gtype == 0xf;
+        // Interrupt and trap gates: 64-bit ones in long mode, 16-bit (6, 7)
+        // and 32-bit (14, 15) ones outside it, where a task gate (5) is
+        // valid too.
+        let valid = gtype == 0xe || gtype == 0xf || (!long && matches!(gtype, 5..=7));
         if !valid {
             return Err(Stop::Exc(GP, gate_err));
         }
@@ -329,6 +372,19 @@ impl InterpVcpu {
         }
         if lo & (1 << 47) == 0 {
             return Err(Stop::Exc(NP, gate_err));
+        }
+        if gtype == 5 {
+            // A task gate: the handler is another task (SDM vol. 3, 6.12.2).
+            let tss_sel = ((lo >> 16) & 0xffff) as u16;
+            let raw = self.task_gate_target(tss_sel, ext)?;
+            return self.task_switch(
+                tss_sel,
+                raw,
+                crate::legacy::TaskSwitch::Interrupt,
+                ret_rip,
+                ev.error_code,
+                ext,
+            );
         }
         let sel = ((lo >> 16) & 0xffff) as u16;
         let mut offset = (lo & 0xffff) | (((lo >> 48) & 0xffff) << 16);
@@ -355,6 +411,11 @@ impl InterpVcpu {
         cs.selector = (sel & 0xfffc) | u16::from(new_cpl);
         cs.dpl = new_cpl;
 
+        if v86 && (conforming(&cs) || cs.dpl != 0 || gtype & 8 == 0) {
+            // From virtual-8086 mode only to a 32-bit gate and a ring-0
+            // non-conforming segment (SDM vol. 3, 20.3.1.1).
+            return Err(Stop::Exc(GP, cerr));
+        }
         let old_rflags = self.rflags;
         let old_cs = self.sregs.cs.selector;
         let old_ss = self.sregs.ss.selector;
@@ -399,45 +460,63 @@ impl InterpVcpu {
             }
             self.gpr[4] = top;
         } else {
-            // 32-bit gates: the stack switch reads SS0:ESP0 from a 32-bit TSS.
-            let (ss, mut esp, switch) = if new_cpl < cpl {
-                let esp = self.tss_read(4 + u64::from(new_cpl) * 8, 4, ext)?;
-                let ss_sel = self.tss_read(8 + u64::from(new_cpl) * 8, 2, ext)? as u16;
-                let ss =
-                    self.check_data_seg(Register::SS, ss_sel, new_cpl)
-                        .map_err(|e| match e {
-                            Stop::Exc(_, _) => {
-                                Stop::Exc(TS, Some(u32::from(ss_sel & 0xfffc) | ext))
-                            }
-                            other => other,
-                        })?;
-                (ss, esp, true)
+            // 16-bit (types 6, 7) and 32-bit (14, 15) gates: the frame has
+            // the gate's width; a switch to an inner level takes SS:ESP for
+            // the new CPL from the TSS (SDM vol. 3, 6.12.1).
+            let w: usize = if gtype & 8 != 0 { 4 } else { 2 };
+            let (ss, mut sp, switch, err) = if new_cpl < cpl {
+                let (ss_sel, sp) = self.tss_stack(new_cpl, ext)?;
+                let ss = self.tss_stack_segment(ss_sel, new_cpl, ext)?;
+                (ss, sp, true, u32::from(ss_sel & 0xfffc) | ext)
             } else {
-                (self.sregs.ss, old_rsp & 0xffff_ffff, false)
+                (self.sregs.ss, old_rsp, false, ext)
             };
-            let mut push = |me: &mut InterpVcpu, v: u64| -> R<()> {
-                esp = esp.wrapping_sub(4) & 0xffff_ffff;
-                let la = ss.base.wrapping_add(esp) & 0xffff_ffff;
-                me.lin_write(la, 4, v, user)
-            };
-            if switch {
-                push(self, u64::from(old_ss))?;
-                push(self, old_rsp & 0xffff_ffff)?;
+            sp &= crate::legacy::stack_mask(&ss);
+            let wm = flags::mask(w);
+            let mut frame = [0u64; 10];
+            let mut n = 0;
+            if v86 {
+                // GS, FS, DS, ES above the usual frame.
+                for r in [Register::GS, Register::FS, Register::DS, Register::ES] {
+                    frame[n] = u64::from(self.seg(r).selector);
+                    n += 1;
+                }
             }
-            push(self, old_rflags & 0xffff_ffff)?;
-            push(self, u64::from(old_cs))?;
-            push(self, ret_rip & 0xffff_ffff)?;
+            if switch {
+                frame[n] = u64::from(old_ss);
+                frame[n + 1] = old_rsp & wm;
+                n += 2;
+            }
+            for v in [old_rflags & wm, u64::from(old_cs), ret_rip & wm] {
+                frame[n] = v;
+                n += 1;
+            }
             if let Some(e) = ev.error_code {
-                push(self, u64::from(e))?;
+                frame[n] = u64::from(e) & wm;
+                n += 1;
+            }
+            for v in &frame[..n] {
+                self.push_on(&ss, &mut sp, w, *v, err)
+                    .map_err(|e| self.system_fault(e))?;
             }
             self.sregs.ss = ss;
-            self.gpr[4] = (old_rsp & !0xffff_ffff) | esp;
+            let m = crate::legacy::stack_mask(&ss);
+            self.gpr[4] = (old_rsp & !m) | sp;
             if switch {
-                self.gpr[4] = esp;
+                self.gpr[4] = sp;
+            }
+            if w == 2 {
+                offset &= 0xffff;
+            }
+            if v86 {
+                for r in [Register::GS, Register::FS, Register::DS, Register::ES] {
+                    *self.seg_mut(r) = null_segment(0, 0);
+                }
             }
         }
         self.rflags &= !(TF | NT | RF | VM);
-        if gtype == 0xe {
+        if gtype & 7 == 6 {
+            // An interrupt gate (16- or 32-bit, or 64-bit) clears IF.
             self.rflags &= !IF;
         }
         self.sregs.cs = cs;
@@ -458,22 +537,30 @@ impl InterpVcpu {
     }
 
     /// Real-mode delivery through the IVT (SDM vol. 3, 20.1.4).
+    /// The IVT entry (offset, segment) must lie within the IDTR limit, else
+    /// #GP; a second fault escalates to #DF and then shutdown through
+    /// `raise` (SDM vol. 2, INT n: REAL-ADDRESS-MODE). The 6-byte frame
+    /// (FLAGS, CS, IP) must fit in SS (#SS otherwise).
     fn deliver_real(&mut self, vector: u8, ret_rip: u64) -> R<()> {
-        let ivt = self.sregs.idt.base.wrapping_add(u64::from(vector) * 4);
+        let off = u64::from(vector) * 4;
+        if off + 3 > u64::from(self.sregs.idt.limit) {
+            return Err(Stop::Exc(GP, Some(0)));
+        }
+        let ivt = self.sregs.idt.base.wrapping_add(off);
         let ent = self.system_read(ivt, 4)?;
-        let mut sp = self.gpr[4] & 0xffff;
-        let ss_base = self.sregs.ss.base;
+        let ss = self.sregs.ss;
+        let mut sp = self.gpr[4] & crate::legacy::stack_mask(&ss);
         for v in [
             self.rflags & 0xffff,
             u64::from(self.sregs.cs.selector),
             ret_rip & 0xffff,
         ] {
-            sp = sp.wrapping_sub(2) & 0xffff;
-            self.lin_write(ss_base.wrapping_add(sp), 2, v, false)?;
+            self.push_on(&ss, &mut sp, 2, v, 0)?;
         }
-        self.gpr[4] = (self.gpr[4] & !0xffff) | sp;
+        let m = crate::legacy::stack_mask(&ss);
+        self.gpr[4] = (self.gpr[4] & !m) | sp;
         self.rflags &= !(IF | TF | flags::AC | RF);
-        self.sregs.cs = Segment::real_mode((ent >> 16) as u16, true);
+        self.sregs.cs = self.real_mode_segment(Register::CS, (ent >> 16) as u16);
         self.rip = ent & 0xffff;
         self.mode_changed();
         Ok(())
@@ -483,29 +570,89 @@ impl InterpVcpu {
     /// IA-32e mode returns without task switches or virtual-8086 mode).
     pub(crate) fn iret(&mut self, size: usize) -> R<()> {
         let cpl = self.cpl();
-        let sp = self.gpr[4];
-        let stack_addr = |me: &InterpVcpu, i: u64| -> R<u64> {
-            let off = sp.wrapping_add(i * size as u64);
-            let off = if me.bitness == 64 {
-                off
-            } else {
-                off & 0xffff_ffff
-            };
-            me.linear(Register::SS, off)
-        };
-        let user = cpl == 3;
+        let m = self.sp_mask();
+        let sp = self.gpr[4] & m;
+        // Reads go through SS with its limit (#SS(0)), as POP does.
         let pop = |me: &mut InterpVcpu, i: u64| -> R<u64> {
-            let la = stack_addr(me, i)?;
-            me.lin_read(la, size, user)
+            let off = sp.wrapping_add(i * size as u64) & m;
+            me.read_mem(Register::SS, off, size)
         };
         let new_rip = pop(self, 0)?;
         let new_cs = pop(self, 1)? as u16;
         let new_flags = pop(self, 2)?;
+        let done_sp = (self.gpr[4] & !m) | (sp.wrapping_add(3 * size as u64) & m);
+        if self.rflags & VM != 0 {
+            // In virtual-8086 mode IRET is IOPL-sensitive; with IOPL 3 it
+            // returns as in real mode, keeping VM and IOPL.
+            if self.rflags & flags::IOPL != flags::IOPL {
+                return Err(Stop::Exc(GP, Some(0)));
+            }
+            let cs = self.real_mode_segment(Register::CS, new_cs);
+            if new_rip > u64::from(cs.limit) {
+                return Err(Stop::Exc(GP, Some(0)));
+            }
+            self.sregs.cs = cs;
+            self.rip = new_rip;
+            self.set_rflags_from_pop(new_flags, size, 3);
+            self.gpr[4] = done_sp;
+            self.nmi_blocked = false;
+            self.mode_changed();
+            return Ok(());
+        }
         if self.sregs.cr0 & cr0::PE == 0 {
-            self.sregs.cs = Segment::real_mode(new_cs, true);
-            self.rip = new_rip & 0xffff;
+            // Real mode (SDM vol. 2, IRET: REAL-ADDRESS-MODE).
+            let cs = self.real_mode_segment(Register::CS, new_cs);
+            if new_rip > u64::from(cs.limit) {
+                return Err(Stop::Exc(GP, Some(0)));
+            }
+            self.sregs.cs = cs;
+            self.rip = new_rip;
             self.set_rflags_from_pop(new_flags, size, 0);
-            self.gpr[4] = sp.wrapping_add(3 * size as u64) & 0xffff | (sp & !0xffff);
+            self.gpr[4] = done_sp;
+            self.nmi_blocked = false;
+            self.mode_changed();
+            return Ok(());
+        }
+        let long = self.sregs.long_mode();
+        if !long && self.rflags & NT != 0 {
+            // A return to the task in the previous-task link (SDM vol. 2,
+            // IRET: TASK-RETURN); the link must name a busy TSS in the GDT.
+            let link = self.tss_read(0, 2, 0)? as u16;
+            let ts = Stop::Exc(TS, Some(u32::from(link & 0xfffc)));
+            let raw = self.task_gate_target(link, 0).map_err(|e| match e {
+                Stop::Exc(_, _) => ts.clone(),
+                other => other,
+            })?;
+            return self.task_switch(
+                link,
+                raw,
+                crate::legacy::TaskSwitch::Iret,
+                self.rip,
+                None,
+                0,
+            );
+        }
+        if !long && size == 4 && cpl == 0 && new_flags & VM != 0 {
+            // Return to virtual-8086 mode (SDM vol. 2, IRET:
+            // RETURN-TO-VIRTUAL-8086-MODE): ESP, SS, ES, DS, FS, GS follow.
+            let mut v = [0u64; 6];
+            for (k, x) in v.iter_mut().enumerate() {
+                *x = pop(self, 3 + k as u64)?;
+            }
+            self.rflags = (new_flags & flags::SETTABLE) | tandem_core::cpu::rflags::FIXED1;
+            let regs = [
+                Register::SS,
+                Register::ES,
+                Register::DS,
+                Register::FS,
+                Register::GS,
+            ];
+            for (k, r) in regs.iter().enumerate() {
+                *self.seg_mut(*r) = self.real_mode_segment(*r, v[k + 1] as u16);
+            }
+            self.sregs.cs = self.real_mode_segment(Register::CS, new_cs);
+            self.rip = new_rip & 0xffff;
+            self.gpr[4] = v[0] & 0xffff_ffff;
             self.nmi_blocked = false;
             self.mode_changed();
             return Ok(());
@@ -515,7 +662,7 @@ impl InterpVcpu {
             return Err(Stop::Exc(GP, Some(u32::from(new_cs & 0xfffc))));
         }
         let cs = self.check_code_seg(new_cs, rpl, 0)?;
-        let long_target = self.sregs.long_mode() && cs.l;
+        let long_target = long && cs.l;
         let outer = rpl > cpl || self.bitness == 64;
         let (new_rsp, ss) = if outer {
             let rsp = pop(self, 3)?;
@@ -523,21 +670,28 @@ impl InterpVcpu {
             let ss = self.check_data_seg(Register::SS, ss_sel, rpl)?;
             (rsp, Some(ss))
         } else {
-            (sp.wrapping_add(3 * size as u64), None)
+            (0, None)
         };
         if long_target && !canonical(new_rip) {
+            return Err(Stop::Exc(GP, Some(0)));
+        }
+        if !long_target && new_rip > u64::from(cs.limit) {
             return Err(Stop::Exc(GP, Some(0)));
         }
         // Commit.
         self.set_rflags_from_pop(new_flags, size, cpl);
         self.sregs.cs = cs;
-        if let Some(ss) = ss {
-            self.sregs.ss = ss;
-        }
-        self.gpr[4] = if size == 4 && !long_target && ss.is_none() {
-            (self.gpr[4] & !0xffff_ffff) | (new_rsp & 0xffff_ffff)
-        } else {
-            new_rsp
+        self.gpr[4] = match ss {
+            Some(ss) => {
+                self.sregs.ss = ss;
+                if self.bitness == 64 || long_target {
+                    new_rsp
+                } else {
+                    let nm = crate::legacy::stack_mask(&ss);
+                    (self.gpr[4] & !nm) | (new_rsp & nm)
+                }
+            }
+            None => done_sp,
         };
         self.rip = if long_target {
             new_rip
@@ -545,19 +699,7 @@ impl InterpVcpu {
             new_rip & 0xffff_ffff
         };
         if rpl > cpl {
-            // Data segments the new CPL may not use become null (SDM IRET).
-            for r in [Register::ES, Register::DS, Register::FS, Register::GS] {
-                let s = *self.seg(r);
-                if !s.unusable && (!is_code(&s) || !conforming(&s)) && s.dpl < rpl {
-                    let sel = s.selector;
-                    let base = s.base;
-                    let mut n = null_segment(sel & 3, 0);
-                    if matches!(r, Register::FS | Register::GS) {
-                        n.base = base;
-                    }
-                    *self.seg_mut(r) = n;
-                }
-            }
+            self.null_inaccessible_data_segments(rpl);
         }
         self.nmi_blocked = false;
         self.mode_changed();
@@ -652,6 +794,15 @@ impl InterpVcpu {
                     return gp;
                 }
                 let lme = self.sregs.efer & efer::LME != 0;
+                // PAE paging outside long mode loads the PDPTEs when PG, CD
+                // or NW change (SDM vol. 3, 4.4.1); a reserved bit is #GP(0).
+                let pae_legacy = v & cr0::PG != 0 && self.sregs.cr4 & cr4::PAE != 0 && !lme;
+                let pdptes =
+                    if pae_legacy && (v ^ self.sregs.cr0) & (cr0::PG | cr0::CD | cr0::NW) != 0 {
+                        Some(self.read_pdptes(self.sregs.cr3)?)
+                    } else {
+                        None
+                    };
                 if v & cr0::PG != 0 && self.sregs.cr0 & cr0::PG == 0 && lme {
                     if self.sregs.cr4 & cr4::PAE == 0 {
                         return gp;
@@ -666,29 +817,48 @@ impl InterpVcpu {
                 }
                 self.sregs.cr0 = v;
                 self.paging_changed();
+                if let Some(p) = pdptes {
+                    self.set_pdptes(p);
+                }
                 self.mode_changed();
             }
             2 => self.sregs.cr2 = v,
             3 => {
-                self.sregs.cr3 = if self.sregs.long_mode() {
-                    v
-                } else {
-                    v & 0xffff_ffff
-                };
+                let long = self.sregs.long_mode();
+                let v = if long { v } else { v & 0xffff_ffff };
+                let pdptes =
+                    if !long && self.sregs.cr0 & cr0::PG != 0 && self.sregs.cr4 & cr4::PAE != 0 {
+                        Some(self.read_pdptes(v)?)
+                    } else {
+                        None
+                    };
+                self.sregs.cr3 = v;
                 self.paging_changed();
+                if let Some(p) = pdptes {
+                    self.set_pdptes(p);
+                }
             }
             4 => {
-                // VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT
-                // UMIP FSGSBASE.
-                let allowed = 0x7ff | (1 << 11) | (1 << 16);
-                if v & !allowed != 0 {
+                if v & !self.cr4_allowed() != 0 {
                     return gp;
                 }
                 if self.sregs.long_mode() && v & cr4::PAE == 0 {
                     return gp;
                 }
+                let pdptes = if !self.sregs.long_mode()
+                    && self.sregs.cr0 & cr0::PG != 0
+                    && v & cr4::PAE != 0
+                    && (v ^ self.sregs.cr4) & (cr4::PAE | cr4::PGE | cr4::PSE) != 0
+                {
+                    Some(self.read_pdptes(self.sregs.cr3)?)
+                } else {
+                    None
+                };
                 self.sregs.cr4 = v;
                 self.paging_changed();
+                if let Some(p) = pdptes {
+                    self.set_pdptes(p);
+                }
             }
             8 => {
                 if v & !0xf != 0 {
@@ -715,7 +885,20 @@ impl InterpVcpu {
     /// The TSC: instructions retired plus the offset a WRMSR to IA32_TSC
     /// set. Counting instructions (not host time) makes a run reproducible.
     pub(crate) fn tsc(&self) -> u64 {
-        self.retired.wrapping_add(self.msr.tsc_offset)
+        self.tsc_source().wrapping_add(self.msr.tsc_offset)
+    }
+
+    /// The count the TSC runs from: the machine clock at the TSC rate when
+    /// one is given (`set_tsc_clock`: the LAPIC's TSC-deadline timer compares
+    /// with the same count, so deadlines the guest computes from RDTSC fire
+    /// when it expects), else retired instructions.
+    fn tsc_source(&self) -> u64 {
+        match &self.tsc_clock {
+            Some((clock, khz)) => {
+                (u128::from(clock.now_ns()) * u128::from(*khz) / 1_000_000) as u64
+            }
+            None => self.retired,
+        }
     }
 
     /// MSRs the machine owns (the LAPIC's): they leave the processor.
@@ -746,6 +929,8 @@ impl InterpVcpu {
             0x1a0 => m.misc_enable,
             0x8b => 0,
             0xfe => 0,
+            // IA32_XSS: no supervisor state components (XSAVES saves none).
+            0xda0 if self.xsaves_offered() => 0,
             _ => return None,
         })
     }
@@ -754,7 +939,7 @@ impl InterpVcpu {
     pub(crate) fn own_msr_write(&mut self, index: u32, v: u64) -> bool {
         let addr_ok = canonical(v);
         match index {
-            msr::IA32_TSC => self.msr.tsc_offset = v.wrapping_sub(self.retired),
+            msr::IA32_TSC => self.msr.tsc_offset = v.wrapping_sub(self.tsc_source()),
             msr::IA32_SYSENTER_CS => self.msr.sysenter_cs = v & 0xffff,
             msr::IA32_SYSENTER_ESP if addr_ok => self.msr.sysenter_esp = v,
             msr::IA32_SYSENTER_EIP if addr_ok => self.msr.sysenter_eip = v,
@@ -781,6 +966,10 @@ impl InterpVcpu {
             msr::IA32_KERNEL_GS_BASE if addr_ok => self.msr.kernel_gs_base = v,
             msr::IA32_TSC_AUX => self.msr.tsc_aux = v & 0xffff_ffff,
             0x1a0 => self.msr.misc_enable = v,
+            // IA32_BIOS_SIGN_ID: writing 0 before CPUID(1) asks for the
+            // microcode revision, which reads 0 here (no microcode).
+            0x8b => {}
+            0xda0 if self.xsaves_offered() && v == 0 => {}
             _ => return false,
         }
         true
@@ -827,36 +1016,45 @@ impl InterpVcpu {
         }
     }
 
-    /// CPUID as a modern Intel processor limited to what the interpreter
-    /// implements: no x87 / SSE state (so no FXSR / XSAVE), no SYSENTER;
-    /// CMPXCHG8B / CMPXCHG16B; x2APIC
-    /// and TSC-deadline because Tandem's LAPIC has them.
-    pub(crate) fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
-        let _ = sub;
-        match leaf {
-            0 => [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69],
-            1 => {
-                // Family 6, model 0x55-like signature; TSC(4) MSR(5) PAE(6)
-                // CX8(8) APIC(9) PGE(13) CMOV(15) PAT(16) PSE(3).
-                let edx = (1 << 3)
-                    | (1 << 4)
-                    | (1 << 5)
-                    | (1 << 6)
-                    | (1 << 8)
-                    | (1 << 9)
-                    | (1 << 13)
-                    | (1 << 15)
-                    | (1 << 16);
-                // CX16(13) x2APIC(21) TSC-deadline(24).
-                let ecx = (1 << 13) | (1 << 21) | (1 << 24);
-                let ebx = (self.id << 24) | (1 << 16) | (8 << 8);
-                [0x0005_0654, ebx, ecx, edx]
+    /// CR4 bits a MOV to CR4 may set: the always-present ones and those of
+    /// features CPUID announces (SDM vol. 3, 2.5: setting a bit of a
+    /// feature the processor lacks is #GP(0)).
+    pub(crate) fn cr4_allowed(&self) -> u64 {
+        let t = &self.cpuid;
+        // TSD, PSE, PAE, PGE, PCE, OSFXSR, OSXMMEXCPT.
+        let mut allowed: u64 =
+            (1 << 2) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10);
+        let feature = |leaf: u32, reg: usize, bit: u32, cr4_bits: u64| {
+            if t.has(leaf, reg, bit) {
+                cr4_bits
+            } else {
+                0
             }
-            0x8000_0000 => [0x8000_0008, 0, 0, 0],
-            // SYSCALL(11) NX(20) 1 GiB pages(26) LM(29).
-            0x8000_0001 => [0, 0, 0, (1 << 11) | (1 << 20) | (1 << 26) | (1 << 29)],
-            0x8000_0008 => [0x3000 | crate::mmu::MAXPHYADDR, 0, 0, 0],
-            _ => [0; 4],
-        }
+        };
+        allowed |= feature(1, 3, 1, 0b11); // VME: VME, PVI
+        allowed |= feature(1, 3, 2, 1 << 3); // DE
+        allowed |= feature(1, 3, 7, 1 << 6); // MCE
+        allowed |= feature(1, 2, 26, cr4::OSXSAVE); // XSAVE
+        allowed |= feature(1, 2, 17, 1 << 17); // PCID
+        allowed |= feature(7, 1, 0, 1 << 16); // FSGSBASE
+        allowed |= feature(7, 1, 7, 1 << 20); // SMEP
+        allowed |= feature(7, 1, 20, 1 << 21); // SMAP
+        allowed |= feature(7, 2, 2, 1 << 11); // UMIP
+        allowed |= feature(7, 2, 3, 1 << 22); // PKU
+        allowed
+    }
+
+    /// CPUID.(EAX=0DH,ECX=1):EAX[3]: XSAVES / XRSTORS and IA32_XSS.
+    pub(crate) fn xsaves_offered(&self) -> bool {
+        self.cpuid.raw(0xd, 1)[0] & (1 << 3) != 0
+    }
+
+    /// CPUID from the processor's table (tandem_core::cpuid: Tandem's
+    /// model, or KVM's supported list cut to it), with the run-time fields
+    /// from this vCPU's state.
+    pub(crate) fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+        let osxsave = self.sregs.cr4 & cr4::OSXSAVE != 0;
+        self.cpuid
+            .lookup(leaf, sub, self.id, osxsave, self.fpu.xcr0)
     }
 }
