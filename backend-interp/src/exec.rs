@@ -33,6 +33,13 @@ impl InterpVcpu {
         let len = i.len() as u64;
         self.insn_rip = rip;
         self.insn_len = len;
+        // The whole instruction must lie within the CS limit (#GP(0)).
+        if self.bitness != 64
+            && self.sregs.cs.limit != u32::MAX
+            && rip.wrapping_add(len - 1) > u64::from(self.sregs.cs.limit)
+        {
+            return Err(GP0);
+        }
         let next = rip.wrapping_add(len);
         self.next_rip = if self.bitness == 64 {
             next
@@ -122,7 +129,7 @@ impl InterpVcpu {
 
     /// Size in bytes of operand `n`.
     #[inline]
-    fn op_size(&self, i: &Instruction, n: u32) -> usize {
+    pub(crate) fn op_size(&self, i: &Instruction, n: u32) -> usize {
         match i.op_kind(n) {
             OpKind::Register => i.op_register(n).size(),
             OpKind::Memory => i.memory_size().size(),
@@ -134,7 +141,7 @@ impl InterpVcpu {
     }
 
     #[inline]
-    fn read_op(&mut self, i: &Instruction, n: u32, size: usize) -> R<u64> {
+    pub(crate) fn read_op(&mut self, i: &Instruction, n: u32, size: usize) -> R<u64> {
         match i.op_kind(n) {
             OpKind::Register => Ok(self.reg_read(i.op_register(n))),
             OpKind::Memory => {
@@ -155,7 +162,7 @@ impl InterpVcpu {
     }
 
     #[inline]
-    fn write_op(&mut self, i: &Instruction, n: u32, size: usize, v: u64) -> R<()> {
+    pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, size: usize, v: u64) -> R<()> {
         match i.op_kind(n) {
             OpKind::Register => {
                 self.reg_write(i.op_register(n), v);
@@ -170,13 +177,13 @@ impl InterpVcpu {
     }
 
     #[inline]
-    fn set_arith(&mut self, f: u64) {
+    pub(crate) fn set_arith(&mut self, f: u64) {
         self.rflags = (self.rflags & !flags::ARITH) | f;
     }
 
     /// Stack-address mask: 64-bit mode, else SS.B.
     #[inline]
-    fn sp_mask(&self) -> u64 {
+    pub(crate) fn sp_mask(&self) -> u64 {
         if self.bitness == 64 {
             u64::MAX
         } else if self.sregs.ss.db {
@@ -202,13 +209,21 @@ impl InterpVcpu {
         Ok(v)
     }
 
-    /// Near branch / call / return operand size.
+    /// Near call / return / LEAVE operand size (16-bit forms in 16-bit
+    /// code or with a 0x66 prefix).
     #[inline]
-    fn near_size(&self) -> usize {
-        if self.bitness == 64 {
-            8
-        } else {
-            4
+    fn near_size(&self, i: &Instruction) -> usize {
+        match i.code() {
+            Code::Call_rel16 | Code::Call_rm16 | Code::Retnw | Code::Retnw_imm16 | Code::Leavew => {
+                2
+            }
+            Code::Call_rel32_32
+            | Code::Call_rm32
+            | Code::Retnd
+            | Code::Retnd_imm16
+            | Code::Leaved => 4,
+            _ if self.bitness == 64 => 8,
+            _ => 4,
         }
     }
 
@@ -217,13 +232,21 @@ impl InterpVcpu {
         let t = self.insn_rip.wrapping_add(i.near_branch64());
         if self.bitness == 64 {
             t
+        } else if i.op_kind(0) == OpKind::NearBranch16 {
+            // 16-bit operand size: IP wraps at 64 KiB.
+            t & 0xffff
         } else {
             t & 0xffff_ffff
         }
     }
 
     fn jump(&mut self, target: u64) -> R<()> {
-        if self.bitness == 64 && !canonical(target) {
+        if self.bitness == 64 {
+            if !canonical(target) {
+                return Err(GP0);
+            }
+        } else if target > u64::from(self.sregs.cs.limit) {
+            // A near branch beyond the CS limit faults at the branch.
             return Err(GP0);
         }
         self.rip = target;
@@ -258,11 +281,11 @@ impl InterpVcpu {
         }
     }
 
-    fn iopl_ok(&self) -> bool {
+    pub(crate) fn iopl_ok(&self) -> bool {
         u64::from(self.cpl()) <= (self.rflags & flags::IOPL) >> 12
     }
 
-    fn need_cpl0(&self) -> R<()> {
+    pub(crate) fn need_cpl0(&self) -> R<()> {
         if self.cpl() != 0 {
             Err(GP0)
         } else {
@@ -285,7 +308,12 @@ impl InterpVcpu {
             | Mnemonic::Prefetchnta
             | Mnemonic::Prefetcht0
             | Mnemonic::Prefetcht1
-            | Mnemonic::Prefetcht2 => Ok(()),
+            | Mnemonic::Prefetcht2
+            | Mnemonic::Prefetchw
+            // Cache-line flushes: no cache is modelled; memory is coherent.
+            | Mnemonic::Clflush
+            | Mnemonic::Clflushopt
+            | Mnemonic::Clwb => Ok(()),
             Mnemonic::Mov => self.exec_mov(i),
             Mnemonic::Movzx => {
                 let v = self.read_op(i, 1, self.op_size(i, 1))?;
@@ -422,21 +450,39 @@ impl InterpVcpu {
                 self.write_op(i, 0, s, r)
             }
             Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc => self.exec_bt(i, m),
-            Mnemonic::Bsf | Mnemonic::Bsr => {
+            Mnemonic::Bsf | Mnemonic::Bsr => self.exec_bit_scan(i, m == Mnemonic::Bsf),
+            // F3 0F BC / BD: TZCNT / LZCNT where CPUID offers BMI1 / LZCNT;
+            // elsewhere the F3 prefix is ignored and they are BSF / BSR,
+            // which kernels rely on (SDM vol. 2B, TZCNT and LZCNT).
+            Mnemonic::Tzcnt | Mnemonic::Lzcnt => {
+                let tz = m == Mnemonic::Tzcnt;
+                let offered = if tz {
+                    self.cpuid.has(7, 1, 3)
+                } else {
+                    self.cpuid.has(0x8000_0001, 2, 5)
+                };
+                if !offered {
+                    return self.exec_bit_scan(i, tz);
+                }
                 let s = self.op_size(i, 0);
                 let v = self.read_op(i, 1, s)? & mask(s);
-                if v == 0 {
-                    // Destination unchanged (as Intel processors do); ZF set.
-                    self.rflags |= ZF;
-                    return Ok(());
-                }
-                let r = if m == Mnemonic::Bsf {
-                    u64::from(v.trailing_zeros())
+                let bits = 8 * s as u32;
+                let r = if v == 0 {
+                    bits
+                } else if tz {
+                    v.trailing_zeros()
                 } else {
-                    63 - u64::from(v.leading_zeros())
+                    v.leading_zeros() - (64 - bits)
                 };
-                self.write_op(i, 0, s, r)?;
-                self.rflags &= !ZF;
+                self.write_op(i, 0, s, u64::from(r))?;
+                // CF: the source was 0; ZF: the count is 0.
+                self.rflags &= !(CF | ZF);
+                if v == 0 {
+                    self.rflags |= CF;
+                }
+                if r == 0 {
+                    self.rflags |= ZF;
+                }
                 Ok(())
             }
             Mnemonic::Popcnt => {
@@ -514,10 +560,17 @@ impl InterpVcpu {
                 Ok(())
             }
             Mnemonic::Pushf | Mnemonic::Pushfd | Mnemonic::Pushfq => {
+                // IOPL-sensitive in virtual-8086 mode (no CR4.VME).
+                if self.rflags & VM != 0 && !self.iopl_ok() {
+                    return Err(GP0);
+                }
                 let size = i.stack_pointer_increment().unsigned_abs() as usize;
                 self.push(self.rflags & !(VM | RF), size)
             }
             Mnemonic::Popf | Mnemonic::Popfd | Mnemonic::Popfq => {
+                if self.rflags & VM != 0 && !self.iopl_ok() {
+                    return Err(GP0);
+                }
                 let size = i.stack_pointer_increment().unsigned_abs() as usize;
                 let v = self.pop(size)?;
                 self.set_rflags_from_pop(v, size, self.cpl());
@@ -538,10 +591,15 @@ impl InterpVcpu {
                 let m_sp = self.sp_mask();
                 let old = self.gpr[4];
                 self.gpr[4] = (self.gpr[4] & !m_sp) | (self.gpr[5] & m_sp);
-                let size = self.near_size();
+                let size = self.near_size(i);
                 match self.pop(size) {
                     Ok(v) => {
-                        self.gpr[5] = if size == 8 { v } else { v & 0xffff_ffff };
+                        let bp = match size {
+                            2 => Register::BP,
+                            4 => Register::EBP,
+                            _ => Register::RBP,
+                        };
+                        self.reg_write(bp, v);
                         Ok(())
                     }
                     Err(e) => {
@@ -578,7 +636,7 @@ impl InterpVcpu {
                 }
             },
             Mnemonic::Call => {
-                let size = self.near_size();
+                let size = self.near_size(i);
                 let t = match i.op_kind(0) {
                     OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
                         self.branch_target(i)
@@ -587,53 +645,32 @@ impl InterpVcpu {
                         let s = self.op_size(i, 0);
                         self.read_op(i, 0, s)?
                     }
-                    _ => {
-                        self.note_unimplemented(m);
-                        return Err(UD);
-                    }
+                    _ => return self.far_call(i),
                 };
                 if self.bitness == 64 && !canonical(t) {
                     return Err(GP0);
                 }
-                self.push(self.next_rip, size)?;
+                if self.bitness != 64 && t > u64::from(self.sregs.cs.limit) {
+                    return Err(GP0);
+                }
+                self.push(self.next_rip & mask(size), size)?;
                 self.rip = t;
                 Ok(())
             }
             Mnemonic::Ret => {
-                let size = self.near_size();
+                let size = self.near_size(i);
+                let old_sp = self.gpr[4];
                 let t = self.pop(size)?;
                 if i.op_count() == 1 {
                     let m_sp = self.sp_mask();
                     let sp = self.gpr[4].wrapping_add(u64::from(i.immediate16())) & m_sp;
                     self.gpr[4] = (self.gpr[4] & !m_sp) | sp;
                 }
-                self.jump(t)
+                // A target beyond the CS limit (or non-canonical) faults
+                // with the stack pointer unchanged.
+                self.jump(t).inspect_err(|_| self.gpr[4] = old_sp)
             }
-            Mnemonic::Retf => {
-                let size = match i.code() {
-                    Code::Retfq | Code::Retfq_imm16 => 8,
-                    Code::Retfw | Code::Retfw_imm16 => 2,
-                    _ => 4,
-                };
-                let sp = self.gpr[4] & self.sp_mask();
-                let off = self.read_mem(Register::SS, sp, size)?;
-                let sel = self.read_mem(Register::SS, sp.wrapping_add(size as u64), size)? as u16;
-                if (sel & 3) as u8 != self.cpl() {
-                    // Returns to an outer privilege level are not built yet.
-                    self.note_unimplemented(m);
-                    return Err(UD);
-                }
-                let imm = if i.op_count() == 1 {
-                    u64::from(i.immediate16())
-                } else {
-                    0
-                };
-                self.far_jump(sel, off)?;
-                let m_sp = self.sp_mask();
-                self.gpr[4] =
-                    (self.gpr[4] & !m_sp) | (sp.wrapping_add(2 * size as u64 + imm) & m_sp);
-                Ok(())
-            }
+            Mnemonic::Retf => self.far_return(i),
             Mnemonic::Loop
             | Mnemonic::Loope
             | Mnemonic::Loopne
@@ -780,10 +817,6 @@ impl InterpVcpu {
                 Err(Stop::Done(VcpuExit::Hlt))
             }
             Mnemonic::In | Mnemonic::Out => {
-                // No I/O permission bitmap: CPL > IOPL is #GP(0).
-                if !self.iopl_ok() {
-                    return Err(GP0);
-                }
                 let (port_op, data_op) = if m == Mnemonic::In { (1, 0) } else { (0, 1) };
                 let port = if i.op_kind(port_op) == OpKind::Register {
                     self.reg_read(Register::DX) as u16
@@ -792,6 +825,8 @@ impl InterpVcpu {
                 };
                 let reg = i.op_register(data_op);
                 let size = reg.size();
+                // CPL > IOPL: the TSS I/O permission bitmap decides.
+                self.check_io_permission(port, size)?;
                 if m == Mnemonic::In {
                     let (v, _) = self.external(ExtKind::PortIn, u64::from(port), size as u8, 0)?;
                     self.reg_write(reg, v & mask(size));
@@ -834,6 +869,9 @@ impl InterpVcpu {
                 let limit = self.read_mem(seg, ea, 2)? as u16;
                 let base = if self.bitness == 64 {
                     self.read_mem(seg, ea.wrapping_add(2), 8)?
+                } else if matches!(i.code(), Code::Lgdt_m1632_16 | Code::Lidt_m1632_16) {
+                    // 16-bit operand size: a 24-bit base (SDM vol. 2, LGDT).
+                    self.read_mem(seg, ea.wrapping_add(2), 4)? & 0x00ff_ffff
                 } else {
                     self.read_mem(seg, ea.wrapping_add(2), 4)?
                 };
@@ -878,17 +916,7 @@ impl InterpVcpu {
             Mnemonic::Lldt => {
                 self.need_cpl0()?;
                 let sel = self.read_op(i, 0, 2)? as u16;
-                if sel & 0xfffc != 0 {
-                    // LDTs are not built yet.
-                    self.note_unimplemented(m);
-                    return Err(UD);
-                }
-                self.sregs.ldt = tandem_core::cpu::Segment {
-                    selector: sel,
-                    unusable: true,
-                    ..Default::default()
-                };
-                Ok(())
+                self.lldt(sel)
             }
             Mnemonic::Clts => {
                 self.need_cpl0()?;
@@ -1005,11 +1033,61 @@ impl InterpVcpu {
             Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.exec_xsavec(i, false),
             Mnemonic::Xsaves | Mnemonic::Xsaves64 => self.exec_xsavec(i, true),
             Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(UD),
+            // Real-mode / legacy protected-mode instructions (legacy.rs).
+            Mnemonic::Pusha
+            | Mnemonic::Pushad
+            | Mnemonic::Popa
+            | Mnemonic::Popad
+            | Mnemonic::Enter
+            | Mnemonic::Daa
+            | Mnemonic::Das
+            | Mnemonic::Aaa
+            | Mnemonic::Aas
+            | Mnemonic::Aam
+            | Mnemonic::Aad
+            | Mnemonic::Salc
+            | Mnemonic::Lds
+            | Mnemonic::Les
+            | Mnemonic::Lss
+            | Mnemonic::Lfs
+            | Mnemonic::Lgs
+            | Mnemonic::Xlatb
+            | Mnemonic::Bound
+            | Mnemonic::Arpl
+            | Mnemonic::Lar
+            | Mnemonic::Lsl
+            | Mnemonic::Verr
+            | Mnemonic::Verw
+            | Mnemonic::Smsw
+            | Mnemonic::Lmsw => self.exec_legacy(i, m),
             _ => {
+                // SSE / MMX / x87 (sse.rs, x87.rs).
+                if let Some(r) = self.exec_simd(i, m) {
+                    return r;
+                }
                 self.note_unimplemented(m);
                 Err(UD)
             }
         }
+    }
+
+    /// BSF / BSR: the index of the lowest / highest set bit; with a zero
+    /// source ZF is set and the destination kept (as Intel processors do).
+    fn exec_bit_scan(&mut self, i: &Instruction, forward: bool) -> R<()> {
+        let s = self.op_size(i, 0);
+        let v = self.read_op(i, 1, s)? & mask(s);
+        if v == 0 {
+            self.rflags |= ZF;
+            return Ok(());
+        }
+        let r = if forward {
+            u64::from(v.trailing_zeros())
+        } else {
+            63 - u64::from(v.leading_zeros())
+        };
+        self.write_op(i, 0, s, r)?;
+        self.rflags &= !ZF;
+        Ok(())
     }
 
     fn exec_mov(&mut self, i: &Instruction) -> R<()> {
@@ -1453,11 +1531,14 @@ impl InterpVcpu {
     /// commits RSI / RDI / RCX, so an exit or fault in the middle resumes
     /// where it stopped.
     fn exec_string(&mut self, i: &Instruction, m: Mnemonic) -> R<()> {
-        // MOVSD / CMPSD are also SSE2 mnemonics (XMM operands): not built.
+        // MOVSD / CMPSD are also SSE2 mnemonics (XMM operands): sse.rs.
         if (0..i.op_count()).any(|n| {
             i.op_kind(n) == OpKind::Memory
                 || (i.op_kind(n) == OpKind::Register && i.op_register(n).is_xmm())
         }) {
+            if let Some(r) = self.exec_simd(i, m) {
+                return r;
+            }
             self.note_unimplemented(m);
             return Err(UD);
         }
@@ -1500,8 +1581,8 @@ impl InterpVcpu {
                 | Mnemonic::Outsw
                 | Mnemonic::Outsd
         );
-        if is_io && !self.iopl_ok() {
-            return Err(GP0);
+        if is_io {
+            self.check_io_permission(self.gpr[2] as u16, size)?;
         }
         let src_seg = i.memory_segment();
         let rep = i.has_rep_prefix() || i.has_repne_prefix();
@@ -1559,7 +1640,10 @@ impl InterpVcpu {
                 Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd => {
                     let port = self.gpr[2] & 0xffff;
                     // Probe the destination before the port is read, so a
-                    // #PF does not lose the data.
+                    // #PF (or a segment fault) does not lose the data.
+                    if self.bitness != 64 {
+                        self.check_segment_access(Register::ES, di, size, true)?;
+                    }
                     let la = self.linear(Register::ES, di)?;
                     self.probe_write(la, self.cpl() == 3)?;
                     let (v, _) = self.external(ExtKind::PortIn, port, size as u8, 0)?;

@@ -27,6 +27,8 @@ const MAX_EXITS: usize = 16;
 #[derive(Default)]
 pub struct InterpFallback {
     vcpus: Mutex<HashMap<u32, Box<InterpVcpu>>>,
+    /// The CPUID of the processor it stands in for.
+    cpuid: Option<std::sync::Arc<tandem_core::cpuid::CpuidTable>>,
 }
 
 impl std::fmt::Debug for InterpFallback {
@@ -38,6 +40,16 @@ impl std::fmt::Debug for InterpFallback {
 impl InterpFallback {
     pub fn new() -> InterpFallback {
         InterpFallback::default()
+    }
+
+    /// A fallback whose processors report `table` from CPUID: the table of
+    /// the KVM VM it stands in for, so an instruction it executes (CPUID
+    /// included) behaves as on that VM.
+    pub fn with_cpuid(table: std::sync::Arc<tandem_core::cpuid::CpuidTable>) -> InterpFallback {
+        InterpFallback {
+            cpuid: Some(table),
+            ..InterpFallback::default()
+        }
     }
 }
 
@@ -96,9 +108,13 @@ impl InstructionFallback for InterpFallback {
 
         let id = vcpu.id();
         let mut map = machine_lock(&self.vcpus);
-        let iv = map
-            .entry(id)
-            .or_insert_with(|| Box::new(InterpVcpu::new(id, machine.mem.clone())));
+        let iv = map.entry(id).or_insert_with(|| {
+            let mut v = Box::new(InterpVcpu::new(id, machine.mem.clone()));
+            if let Some(t) = &self.cpuid {
+                v.set_cpuid(t.clone());
+            }
+            v
+        });
         iv.set_state(&before)?;
 
         // What the interpreter cannot hold it would silently change.

@@ -27,10 +27,17 @@
 mod exec;
 mod fallback;
 mod flags;
+mod legacy;
 mod mmu;
+mod sse;
 mod system;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_legacy;
+#[cfg(test)]
+mod tests_simd;
+mod x87;
 mod xsave;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -173,7 +180,34 @@ pub struct InterpVcpu {
     mmio_len: usize,
     kick: Arc<InterpKick>,
     noted: Vec<Mnemonic>,
+    /// The VMM's debugging of the guest (`set_guest_debug`); `None` in a
+    /// normal run, so the hot loop tests one pointer.
+    guest_debug: Option<Box<GuestDebug>>,
+    /// `run` returns `Kicked` once `retired` reaches this (the
+    /// deterministic run loop's next timer deadline).
+    stop_at_retired: Option<u64>,
+    /// The processor's CPUID (shared with KVM when both run one guest).
+    pub(crate) cpuid: Arc<tandem_core::cpuid::CpuidTable>,
+    /// The clock and rate (kHz) the TSC counts from; `None`: retired
+    /// instructions.
+    pub(crate) tsc_clock: Option<(tandem_core::clock::SharedClock, u64)>,
 }
+
+/// Single-step and instruction breakpoints asked for by the VMM.
+#[derive(Debug, Clone, Default)]
+struct GuestDebug {
+    single_step: bool,
+    /// Linear addresses (CS.base + RIP).
+    breakpoints: Vec<u64>,
+    /// An instruction an exit had left open retired outside `run`
+    /// (`readiness` finished it): it is the single step.
+    retired: bool,
+}
+
+/// DR6 with its reserved bits set as they read (SDM vol. 3, 18.2.3).
+const DR6_FIXED: u64 = 0xffff_0ff0;
+/// DR6.BS: the #DB came from single-stepping.
+const DR6_BS: u64 = 1 << 14;
 
 impl std::fmt::Debug for InterpVcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +233,16 @@ impl InterpVcpu {
             ss: cpu::Segment::real_mode(0, false),
             cr0: cpu::cr0::ET,
             apic_base: 0xfee0_0900,
+            // IDTR and GDTR at reset: base 0, limit 0xFFFF (SDM vol. 3,
+            // table 10-1); the IVT is read through the IDTR.
+            idt: cpu::DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
+            gdt: cpu::DescriptorTable {
+                base: 0,
+                limit: 0xffff,
+            },
             ..Default::default()
         };
         sregs.cs.base = 0xffff_0000;
@@ -246,9 +290,27 @@ impl InterpVcpu {
             mmio_len: 0,
             kick: Arc::new(InterpKick::default()),
             noted: Vec::new(),
+            guest_debug: None,
+            stop_at_retired: None,
+            cpuid: Arc::new(tandem_core::cpuid::CpuidTable::model(1)),
+            tsc_clock: None,
         };
         v.mode_changed();
         v
+    }
+
+    /// Gives this processor the CPUID table `table` (by default Tandem's
+    /// model for one vCPU); use the KVM VM's table when both processors run
+    /// one guest, so the guest sees one processor.
+    pub fn set_cpuid(&mut self, table: Arc<tandem_core::cpuid::CpuidTable>) {
+        self.cpuid = table;
+    }
+
+    /// Makes the TSC count the machine clock `clock` at `khz` (the rate
+    /// the LAPIC's TSC-deadline timer uses), instead of retired
+    /// instructions (IA32_TSC writes then offset it as on hardware).
+    pub fn set_tsc_clock(&mut self, clock: tandem_core::clock::SharedClock, khz: u64) {
+        self.tsc_clock = Some((clock, khz.max(1)));
     }
 
     /// Instructions retired so far.
@@ -278,6 +340,30 @@ impl InterpVcpu {
             self.cache.invalidate_page(self.tlb.last_fetch_page());
         }
         Ok(exit)
+    }
+
+    /// The debug exit at the current instruction boundary with `dr6`'s
+    /// cause bits.
+    fn debug_exit(&self, cause: u64) -> VcpuExit {
+        VcpuExit::Debug {
+            exception: 1,
+            dr6: DR6_FIXED | cause,
+            rip: self.sregs.cs.base.wrapping_add(self.rip),
+        }
+    }
+
+    /// At an instruction boundary, `done` instructions into this `run`:
+    /// the single-step trap after one instruction, or an instruction
+    /// breakpoint at CS:RIP (a fault: the instruction has not run).
+    #[cold]
+    fn debug_check(&self, done: u64) -> Option<VcpuExit> {
+        let d = self.guest_debug.as_ref()?;
+        if d.single_step && done >= 1 {
+            return Some(self.debug_exit(DR6_BS));
+        }
+        let la = self.sregs.cs.base.wrapping_add(self.rip);
+        let hit = d.breakpoints.iter().position(|&b| b == la)?;
+        Some(self.debug_exit(1 << hit.min(3)))
     }
 
     /// How many instructions the interpreter has noted as unimplemented.
@@ -489,6 +575,11 @@ impl InterpVcpu {
         self.absorb_completion();
         if self.deferred_exit.is_none() && self.replay_len > 0 {
             self.deferred_exit = self.step();
+            if self.replay_len == 0 {
+                if let Some(d) = self.guest_debug.as_mut() {
+                    d.retired = true;
+                }
+            }
         }
     }
 }
@@ -510,6 +601,14 @@ impl Vcpu for InterpVcpu {
         if let Some(e) = self.deferred_exit.take() {
             return Ok(e);
         }
+        // The instruction an exit left open counts as the step.
+        if self
+            .guest_debug
+            .as_mut()
+            .is_some_and(|d| std::mem::take(&mut d.retired) && d.single_step)
+        {
+            return Ok(self.debug_exit(DR6_BS));
+        }
         if let Some(ev) = self.pending_event.take() {
             if ev.kind == EventKind::Nmi {
                 self.nmi_blocked = true;
@@ -517,7 +616,14 @@ impl Vcpu for InterpVcpu {
             if let Some(exit) = self.raise(ev) {
                 return Ok(exit);
             }
+            // Single-stepping stops at the handler's first instruction.
+            if self.guest_debug.as_ref().is_some_and(|d| d.single_step) {
+                return Ok(self.debug_exit(DR6_BS));
+            }
         }
+        // Only `set_guest_debug` changes it, never an instruction: tested
+        // once here, the hot loop tests a register.
+        let debugging = self.guest_debug.is_some();
         let mut n = 0u64;
         loop {
             if self.kick.flag.load(Ordering::Relaxed) {
@@ -533,6 +639,14 @@ impl Vcpu for InterpVcpu {
             }
             if self.nmi_window && !self.nmi_blocked && !self.mov_ss_shadow {
                 return Ok(VcpuExit::NmiWindow);
+            }
+            if debugging {
+                if let Some(exit) = self.debug_check(n) {
+                    return Ok(exit);
+                }
+            }
+            if self.stop_at_retired.is_some_and(|t| self.retired >= t) {
+                return Ok(VcpuExit::Kicked);
             }
             if n >= RUN_BUDGET {
                 return Ok(VcpuExit::Kicked);
@@ -760,7 +874,63 @@ impl Vcpu for InterpVcpu {
         Ok(())
     }
 
+    fn instructions_retired(&self) -> Option<u64> {
+        Some(self.retired)
+    }
+
+    fn set_run_limit(&mut self, instructions: Option<u64>) {
+        self.stop_at_retired = instructions.map(|n| self.retired.saturating_add(n));
+    }
+
     fn kicker(&self) -> Arc<dyn Kick> {
         self.kick.clone()
+    }
+
+    fn set_guest_debug(&mut self, single_step: bool, hw_breakpoints: &[u64]) -> VcpuResult<()> {
+        // Any number of breakpoints: the interpreter compares addresses.
+        if !single_step && hw_breakpoints.is_empty() {
+            self.guest_debug = None;
+            return Ok(());
+        }
+        let d = self.guest_debug.get_or_insert_with(Box::default);
+        d.single_step = single_step;
+        d.breakpoints.clear();
+        d.breakpoints.extend_from_slice(hw_breakpoints);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod run_limit_tests {
+    use super::*;
+
+    /// A real-mode vCPU at 0000:1000 spinning on `jmp $`.
+    fn spinning() -> InterpVcpu {
+        let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        mem.write(0x1000, &[0xeb, 0xfe]).unwrap();
+        let mut v = InterpVcpu::new(0, mem);
+        let mut s = v.get_sregs().unwrap();
+        s.cs = cpu::Segment::real_mode(0, true);
+        v.set_sregs(&s).unwrap();
+        let mut r = v.get_regs().unwrap();
+        r.rip = 0x1000;
+        v.set_regs(&r).unwrap();
+        v
+    }
+
+    #[test]
+    fn run_stops_exactly_at_the_limit_and_the_limit_can_be_lifted() {
+        let mut v = spinning();
+        assert_eq!(v.instructions_retired(), Some(0));
+        v.set_run_limit(Some(10));
+        assert_eq!(v.run().unwrap(), VcpuExit::Kicked);
+        assert_eq!(v.instructions_retired(), Some(10));
+        // The limit counts from when it is given.
+        v.set_run_limit(Some(7));
+        assert_eq!(v.run().unwrap(), VcpuExit::Kicked);
+        assert_eq!(v.retired(), 17);
+        v.set_run_limit(None);
+        assert_eq!(v.run().unwrap(), VcpuExit::Kicked);
+        assert_eq!(v.retired(), 17 + RUN_BUDGET);
     }
 }

@@ -738,8 +738,8 @@ fn kick_and_budget_end_the_run() {
 
 #[test]
 fn unimplemented_instruction_is_ud() {
-    // FNINIT: no x87 in this interpreter.
-    let mut v = with(|a| a.fninit());
+    // AESENC: no AES-NI in this interpreter.
+    let mut v = with(|a| a.aesenc(xmm0, xmm1));
     assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
     assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 6 * 16 + 1);
 }

@@ -4,10 +4,11 @@
 //! IA32_XSS is taken as 0 (no supervisor state components): XSAVES and
 //! XRSTORS are XSAVEC and compacted-form XRSTOR restricted to CPL 0.
 //!
-//! The interpreter does not execute x87 or SSE, but it carries their state
-//! (`FpuState::xsave`, in the standard XSAVE layout) so that it round-trips
-//! to KVM; these instructions move that state between the buffer and guest
-//! memory exactly as the SDM describes (vol. 1, chapter 13).
+//! The x87 / MMX / SSE state lives in `FpuState::xsave` itself, in the
+//! standard XSAVE layout: `sse.rs` and `x87.rs` execute their instructions
+//! on it in place, so it round-trips to KVM unchanged; these instructions
+//! move it between the buffer and guest memory exactly as the SDM
+//! describes (vol. 1, chapter 13).
 
 use iced_x86::{Instruction, Mnemonic, Register};
 use tandem_core::cpu::{cr0, cr4};
