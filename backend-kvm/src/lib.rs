@@ -29,8 +29,8 @@ use tandem_core::memory::GuestMemory;
 use tandem_core::vcpu::{Kick, Readiness, Vcpu, VcpuError, VcpuExit, VcpuResult};
 use thiserror::Error;
 
-pub use host::{host_info, HostInfo, KvmFlavour};
-pub use kernel_irqchip::KernelIrqSink;
+pub use host::{host_info, offered_cpuid, HostInfo, KvmFlavour};
+pub use kernel_irqchip::{lapic_time_dependent, DeviceRegister, KernelIrqSink, LAPIC_COMPARED};
 pub use kick::KvmKicker;
 
 /// Where KVM puts the real-mode TSS and identity map on VMX hosts, as QEMU
@@ -52,6 +52,8 @@ pub enum KvmError {
     },
     #[error("KVM lacks {0}")]
     MissingCap(&'static str),
+    #[error("CPUID table rejected: {0}")]
+    Cpuid(String),
 }
 
 fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -87,7 +89,7 @@ pub struct KvmVm {
     kvm: Kvm,
     vm: Arc<VmFd>,
     kernel_irqchip: bool,
-    cpuid: kvm_bindings::CpuId,
+    cpuid: tandem_core::cpuid::CpuidTable,
     flavour: KvmFlavour,
     _mem: Arc<GuestMemory>,
 }
@@ -190,7 +192,7 @@ impl KvmVm {
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let cpuid = cpuid::platform_cpuid(&supported, opts.vcpus.max(1));
+        let cpuid = cpuid::platform_table(&supported, opts.vcpus.max(1));
         Ok(KvmVm {
             kvm,
             vm: Arc::new(vm),
@@ -203,6 +205,13 @@ impl KvmVm {
 
     pub fn flavour(&self) -> KvmFlavour {
         self.flavour
+    }
+
+    /// The CPUID table every vCPU of this VM gets (KVM's supported list cut
+    /// to Tandem's processor model); give the same table to an interpreter
+    /// that runs this VM's guest, so both are one processor.
+    pub fn cpuid_table(&self) -> &tandem_core::cpuid::CpuidTable {
+        &self.cpuid
     }
 
     /// The raw VM fd, for the in-kernel irqchip reference mode and tests.
@@ -235,13 +244,22 @@ impl KvmVm {
         }
     }
 
+    /// KVM's PIC pair, IOAPIC and PIT as named registers (in-kernel
+    /// irqchip only), for `tandem diff --devices`.
+    pub fn kernel_irqchip_registers(&self) -> Result<Vec<DeviceRegister>, KvmError> {
+        let mut out = kernel_irqchip::pic_registers(&self.vm)?;
+        out.extend(kernel_irqchip::ioapic_registers(&self.vm)?);
+        out.extend(kernel_irqchip::pit_registers(&self.vm)?);
+        Ok(out)
+    }
+
     /// Creates vCPU `id` with Tandem's CPUID.
     pub fn create_vcpu(&self, id: u32) -> Result<KvmVcpu, KvmError> {
         let mut fd = self
             .vm
             .create_vcpu(u64::from(id))
             .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
-        let cpuid = cpuid::for_vcpu(&self.cpuid, id);
+        let cpuid = cpuid::for_vcpu(&self.cpuid, id).map_err(KvmError::Cpuid)?;
         fd.set_cpuid2(&cpuid).map_err(ioctl_err("KVM_SET_CPUID2"))?;
         let kicker = KvmKicker::new(&mut fd);
         Ok(KvmVcpu {
@@ -258,9 +276,16 @@ impl KvmVm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PendingExit {
     None,
-    Io { offset: usize, len: usize },
+    Io {
+        offset: usize,
+        len: usize,
+    },
     Mmio,
     Msr,
+    /// The VMM changed registers or events since the last exit: the
+    /// kvm_run fields `readiness` reads (IF, ready_for_interrupt_injection)
+    /// are stale until a KVM_RUN refreshes them.
+    Refresh,
 }
 
 /// One KVM vCPU behind Tandem's `Vcpu` interface.
@@ -300,7 +325,7 @@ impl KvmVcpu {
     fn finish_instruction(&mut self) -> VcpuResult<()> {
         if !matches!(
             self.exit,
-            PendingExit::Io { .. } | PendingExit::Mmio | PendingExit::Msr
+            PendingExit::Io { .. } | PendingExit::Mmio | PendingExit::Msr | PendingExit::Refresh
         ) {
             return Ok(());
         }
@@ -316,9 +341,25 @@ impl KvmVcpu {
         Ok(())
     }
 
+    /// RFLAGS.IF or the interrupt shadow may have changed from outside
+    /// (KVM_SET_REGS / KVM_SET_VCPU_EVENTS): `readiness` refreshes kvm_run
+    /// first with an immediate-exit KVM_RUN (KVM stores IF and
+    /// ready_for_interrupt_injection on every return to userspace).
+    fn stale_run_fields(&mut self) {
+        if self.exit == PendingExit::None {
+            self.exit = PendingExit::Refresh;
+        }
+    }
+
     /// KVM's LAPIC registers of this vCPU (in-kernel irqchip only).
     pub fn dump_kernel_lapic(&self) -> String {
         kernel_irqchip::dump_lapic(&self.fd, self.id)
+    }
+
+    /// KVM's LAPIC registers of this vCPU as named registers (in-kernel
+    /// irqchip only), for `tandem diff --devices`.
+    pub fn kernel_lapic_registers(&self) -> Result<Vec<DeviceRegister>, KvmError> {
+        kernel_irqchip::lapic_registers(&self.fd)
     }
 
     /// The raw vCPU fd (single-step, guest debug, tests).
@@ -605,7 +646,9 @@ impl Vcpu for KvmVcpu {
     fn set_regs(&mut self, regs: &Regs) -> VcpuResult<()> {
         self.fd
             .set_regs(&state::regs_to_kvm(regs))
-            .map_err(vcpu_err("KVM_SET_REGS"))
+            .map_err(vcpu_err("KVM_SET_REGS"))?;
+        self.stale_run_fields();
+        Ok(())
     }
     fn get_sregs(&mut self) -> VcpuResult<Sregs> {
         let s = self.fd.get_sregs().map_err(vcpu_err("KVM_GET_SREGS"))?;
@@ -661,7 +704,9 @@ impl Vcpu for KvmVcpu {
         let e = state::events_to_kvm(events);
         self.fd
             .set_vcpu_events(&e)
-            .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))
+            .map_err(vcpu_err("KVM_SET_VCPU_EVENTS"))?;
+        self.stale_run_fields();
+        Ok(())
     }
     fn get_mp_state(&mut self) -> VcpuResult<MpState> {
         // Without an in-kernel LAPIC, HLT and INIT / SIPI are handled in
@@ -675,9 +720,86 @@ impl Vcpu for KvmVcpu {
     fn kicker(&self) -> Arc<dyn Kick> {
         self.kicker.clone()
     }
+
+    fn set_guest_debug(&mut self, single_step: bool, hw_breakpoints: &[u64]) -> VcpuResult<()> {
+        let dbg = guest_debug(single_step, hw_breakpoints)?;
+        self.fd
+            .set_guest_debug(&dbg)
+            .map_err(vcpu_err("KVM_SET_GUEST_DEBUG"))
+    }
+}
+
+/// The KVM_SET_GUEST_DEBUG argument: single-step (RFLAGS.TF under KVM's
+/// control) and up to four instruction breakpoints in DR0-DR3, enabled in
+/// DR7 as execution breakpoints of length 1 (R/W = 00, LEN = 00; SDM
+/// vol. 3, 18.2.4). KVM keeps these apart from the guest's own debug
+/// registers.
+fn guest_debug(
+    single_step: bool,
+    hw_breakpoints: &[u64],
+) -> VcpuResult<kvm_bindings::kvm_guest_debug> {
+    if hw_breakpoints.len() > 4 {
+        return Err(VcpuError::Unsupported(format!(
+            "KVM has 4 hardware breakpoints (DR0-DR3); {} were asked for",
+            hw_breakpoints.len()
+        )));
+    }
+    let mut dbg = kvm_bindings::kvm_guest_debug::default();
+    if !single_step && hw_breakpoints.is_empty() {
+        return Ok(dbg);
+    }
+    dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE;
+    if single_step {
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_SINGLESTEP;
+    }
+    if !hw_breakpoints.is_empty() {
+        dbg.control |= kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+        // GE (bit 9) and the reserved bit 10, which reads as 1.
+        let mut dr7: u64 = 0x600;
+        for (i, &addr) in hw_breakpoints.iter().enumerate() {
+            dbg.arch.debugreg[i] = addr;
+            // Gn: a global enable survives the guest's task switches.
+            dr7 |= 2 << (2 * i);
+        }
+        dbg.arch.debugreg[7] = dr7;
+    }
+    Ok(dbg)
 }
 
 fn kvm_run_ioctl() -> libc::c_ulong {
     // KVM_RUN = _IO(KVMIO, 0x80)
     (0xAE << 8) | 0x80
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_debug_encodes_dr0_to_dr3_and_dr7() {
+        let d = guest_debug(true, &[0x1000, 0x2000]).unwrap();
+        assert_eq!(
+            d.control,
+            kvm_bindings::KVM_GUESTDBG_ENABLE
+                | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+                | kvm_bindings::KVM_GUESTDBG_USE_HW_BP
+        );
+        assert_eq!(&d.arch.debugreg[..4], &[0x1000, 0x2000, 0, 0]);
+        // G0 and G1 enabled, R/W and LEN 00 (execution), GE and bit 10.
+        assert_eq!(d.arch.debugreg[7], 0x600 | 0b1010);
+    }
+
+    #[test]
+    fn guest_debug_off_and_too_many_breakpoints() {
+        let d = guest_debug(false, &[]).unwrap();
+        assert_eq!(d.control, 0);
+        let d = guest_debug(true, &[]).unwrap();
+        assert_eq!(
+            d.control,
+            kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP
+        );
+        assert_eq!(d.arch.debugreg[7], 0);
+        let e = guest_debug(false, &[1, 2, 3, 4, 5]).unwrap_err();
+        assert!(e.to_string().contains("4 hardware breakpoints"), "{e}");
+    }
 }

@@ -161,6 +161,36 @@ pub trait Vcpu: Send {
     /// A handle other threads use to force this vCPU out of `run`.
     fn kicker(&self) -> Arc<dyn Kick>;
 
+    /// Instructions retired so far, for a processor that counts them (the
+    /// interpreter); `None` where they cannot be counted (KVM). The
+    /// deterministic run loop moves the virtual clock with it.
+    fn instructions_retired(&self) -> Option<u64> {
+        None
+    }
+
+    /// Makes the next `run` return [`VcpuExit::Kicked`] once `instructions`
+    /// more have retired (`None`: no limit), so that the deterministic run
+    /// loop stops exactly where the next timer deadline falls. Processors
+    /// that cannot count instructions (KVM) ignore it.
+    fn set_run_limit(&mut self, _instructions: Option<u64>) {}
+
+    /// Debugging the guest from the VMM (KVM_SET_GUEST_DEBUG): with
+    /// `single_step`, `run` returns [`VcpuExit::Debug`] after one
+    /// instruction (or, when an injected event is delivered first, at the
+    /// handler's first instruction); each address of `hw_breakpoints` (a
+    /// linear address, CS.base + RIP) returns [`VcpuExit::Debug`] before the
+    /// instruction there executes. The guest's own DR0-DR7 are left alone.
+    /// `false` and `&[]` turn it off.
+    fn set_guest_debug(&mut self, single_step: bool, hw_breakpoints: &[u64]) -> VcpuResult<()> {
+        if !single_step && hw_breakpoints.is_empty() {
+            return Ok(());
+        }
+        Err(VcpuError::Unsupported(format!(
+            "the {} processor has no guest debugging",
+            self.backend()
+        )))
+    }
+
     /// The whole architectural state.
     fn get_state(&mut self) -> VcpuResult<VcpuState> {
         Ok(VcpuState {
