@@ -92,7 +92,9 @@ fn seabios_state(vm: &VmFd) -> Result<(), KvmError> {
     }
     let mut pit = vm.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
     let ch = &mut pit.channels[0];
-    ch.mode = 3;
+    // SeaBIOS's pit_setup: counter 0, LSB/MSB, mode 2 (rate generator),
+    // count 0: 18.2 Hz, as Tandem's PIT (`program_bios_defaults`, 0x34).
+    ch.mode = 2;
     ch.rw_mode = 3;
     ch.bcd = 0;
     ch.gate = 1;
@@ -147,7 +149,7 @@ pub(crate) fn dump(vm: &VmFd) -> String {
         let _ = writeln!(
             out,
             "id={:02x} ioregsel={:02x} irr={:08x}",
-            io.id >> 24,
+            io.id & 0xf,
             io.ioregsel,
             io.irr
         );
@@ -236,4 +238,193 @@ pub(crate) fn dump_lapic(fd: &VcpuFd, id: u32) -> String {
         reg(0x300)
     );
     out
+}
+
+/// One device register as a name and a value, for comparing KVM's
+/// in-kernel devices with Tandem's register by register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRegister {
+    /// "pic.master.imr", "ioapic.redir02", "pit.ch0.mode", "lapic.tpr"...
+    pub name: String,
+    pub value: u64,
+    /// The value depends on when it is read (a counter, the timer's
+    /// current count): KVM's in-kernel devices run on the host's time, not
+    /// on Tandem's virtual clock, so such registers are not compared.
+    pub time_dependent: bool,
+}
+
+impl DeviceRegister {
+    pub fn new(name: impl Into<String>, value: u64) -> DeviceRegister {
+        DeviceRegister {
+            name: name.into(),
+            value,
+            time_dependent: false,
+        }
+    }
+
+    pub fn timed(name: impl Into<String>, value: u64) -> DeviceRegister {
+        DeviceRegister {
+            time_dependent: true,
+            ..DeviceRegister::new(name, value)
+        }
+    }
+}
+
+/// KVM's 8259A pair (KVM_GET_IRQCHIP) as named registers, in the names
+/// `tandem diff --devices` uses for Tandem's PIC too. `lowest` is the
+/// lowest-priority IR ((priority_add + 7) mod 8; KVM keeps the highest).
+pub fn pic_registers(vm: &VmFd) -> Result<Vec<DeviceRegister>, KvmError> {
+    let mut out = Vec::new();
+    for (name, id) in [
+        ("master", KVM_IRQCHIP_PIC_MASTER),
+        ("slave", KVM_IRQCHIP_PIC_SLAVE),
+    ] {
+        let mut chip = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+        // SAFETY: chip_id selects the `pic` member of the union.
+        let p = unsafe { chip.chip.pic };
+        let r = |reg: &str, v: u8| DeviceRegister::new(format!("pic.{name}.{reg}"), v.into());
+        out.extend([
+            r("irr", p.irr),
+            r("isr", p.isr),
+            r("imr", p.imr),
+            r("vector_base", p.irq_base),
+            r("lowest_priority", p.priority_add.wrapping_add(7) & 7),
+            r("elcr", p.elcr),
+            r("auto_eoi", p.auto_eoi),
+            r("special_fully_nested", p.special_fully_nested_mode),
+            r("special_mask", p.special_mask),
+            r("read_isr", p.read_reg_select),
+            r("poll", p.poll),
+            r("rotate_on_aeoi", p.rotate_on_auto_eoi),
+        ]);
+    }
+    Ok(out)
+}
+
+/// KVM's IOAPIC (KVM_GET_IRQCHIP): its ID, IOREGSEL and the 24
+/// redirection entries (remote IRR included).
+pub fn ioapic_registers(vm: &VmFd) -> Result<Vec<DeviceRegister>, KvmError> {
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+    // SAFETY: chip_id selects the `ioapic` member.
+    let io = unsafe { chip.chip.ioapic };
+    let mut out = vec![
+        // KVM keeps the 4-bit ID itself (the register's bits 27:24), as
+        // QEMU's kvm_ioapic_get reads it.
+        DeviceRegister::new("ioapic.id", u64::from(io.id & 0xf)),
+        DeviceRegister::new("ioapic.ioregsel", u64::from(io.ioregsel)),
+    ];
+    for (pin, e) in io.redirtbl.iter().enumerate() {
+        // SAFETY: `bits` covers the whole entry.
+        let bits = unsafe { e.bits };
+        out.push(DeviceRegister::new(format!("ioapic.redir{pin:02}"), bits));
+    }
+    Ok(out)
+}
+
+/// KVM's PIT (KVM_GET_PIT2), per channel: mode, access, BCD, GATE and the
+/// reload value (65536 for 0); the running count is time-dependent.
+pub fn pit_registers(vm: &VmFd) -> Result<Vec<DeviceRegister>, KvmError> {
+    let pit = vm.get_pit2().map_err(ioctl_err("KVM_GET_PIT2"))?;
+    let mut out = Vec::new();
+    for (i, c) in pit.channels.iter().enumerate() {
+        let r = |reg: &str, v: u64| DeviceRegister::new(format!("pit.ch{i}.{reg}"), v);
+        out.extend([
+            r("mode", c.mode.into()),
+            r("access", c.rw_mode.into()),
+            r("bcd", c.bcd.into()),
+            r("gate", c.gate.into()),
+            r(
+                "reload",
+                if c.count == 0 {
+                    0x10000
+                } else {
+                    c.count.into()
+                },
+            ),
+        ]);
+    }
+    Ok(out)
+}
+
+/// The LAPIC registers `tandem diff --devices` compares, by offset in the
+/// APIC page (SDM vol. 3, table 11-1); the current count is time-dependent.
+pub const LAPIC_COMPARED: &[(&str, u16)] = &[
+    ("id", 0x20),
+    ("version", 0x30),
+    ("tpr", 0x80),
+    ("ppr", 0xa0),
+    ("ldr", 0xd0),
+    ("dfr", 0xe0),
+    ("svr", 0xf0),
+    ("isr0", 0x100),
+    ("isr1", 0x110),
+    ("isr2", 0x120),
+    ("isr3", 0x130),
+    ("isr4", 0x140),
+    ("isr5", 0x150),
+    ("isr6", 0x160),
+    ("isr7", 0x170),
+    ("tmr0", 0x180),
+    ("tmr1", 0x190),
+    ("tmr2", 0x1a0),
+    ("tmr3", 0x1b0),
+    ("tmr4", 0x1c0),
+    ("tmr5", 0x1d0),
+    ("tmr6", 0x1e0),
+    ("tmr7", 0x1f0),
+    ("irr0", 0x200),
+    ("irr1", 0x210),
+    ("irr2", 0x220),
+    ("irr3", 0x230),
+    ("irr4", 0x240),
+    ("irr5", 0x250),
+    ("irr6", 0x260),
+    ("irr7", 0x270),
+    ("esr", 0x280),
+    ("icr_low", 0x300),
+    ("icr_high", 0x310),
+    ("lvt_timer", 0x320),
+    ("lvt_thermal", 0x330),
+    ("lvt_perf", 0x340),
+    ("lvt_lint0", 0x350),
+    ("lvt_lint1", 0x360),
+    ("lvt_error", 0x370),
+    ("timer_initial", 0x380),
+    ("timer_current", 0x390),
+    ("timer_divide", 0x3e0),
+];
+
+/// Whether the LAPIC register at `offset` depends on when it is read.
+pub fn lapic_time_dependent(offset: u16) -> bool {
+    offset == 0x390
+}
+
+/// KVM's LAPIC page of one vCPU (KVM_GET_LAPIC) as named registers.
+pub fn lapic_registers(fd: &VcpuFd) -> Result<Vec<DeviceRegister>, KvmError> {
+    let l = fd.get_lapic().map_err(ioctl_err("KVM_GET_LAPIC"))?;
+    let reg = |off: usize| -> u64 {
+        let b = |i: usize| u64::from(l.regs.get(off + i).map_or(0, |&v| v as u8));
+        b(0) | (b(1) << 8) | (b(2) << 16) | (b(3) << 24)
+    };
+    Ok(LAPIC_COMPARED
+        .iter()
+        .map(|&(name, off)| {
+            let v = reg(usize::from(off));
+            if lapic_time_dependent(off) {
+                DeviceRegister::timed(format!("lapic.{name}"), v)
+            } else {
+                DeviceRegister::new(format!("lapic.{name}"), v)
+            }
+        })
+        .collect())
 }
