@@ -1,5 +1,7 @@
 //! `tandem`: run, compare and debug x86 guests on an interpreter or on KVM.
 
+mod debug;
+mod diff;
 mod run;
 mod size;
 
@@ -44,6 +46,17 @@ pub enum LostTicks {
     Catchup,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CpuModel {
+    /// Tandem's processor model: every feature the interpreter implements
+    /// (the interpreter's default; the same on every host).
+    Tandem,
+    /// What the KVM backend offers on this host: KVM's supported CPUID cut
+    /// to Tandem's model (KVM's only choice; on the interpreter it needs
+    /// /dev/kvm, and makes it the same processor as KVM here).
+    Kvm,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// A multiboot ELF guest (ELF32 or ELF64).
@@ -57,6 +70,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub smp: u32,
+    /// The processor's CPUID (default: tandem on the interpreter, kvm on KVM).
+    #[arg(long, value_enum)]
+    pub cpu: Option<CpuModel>,
     /// Guest RAM: a number of MiB, or with a K, M, G or T suffix.
     #[arg(long, default_value = "128M")]
     pub mem: String,
@@ -82,6 +98,14 @@ pub struct RunArgs {
     /// Print exit counts when the run ends.
     #[arg(long)]
     pub stats: bool,
+    /// Reproducible time: a virtual clock moved only by guest progress
+    /// (instructions on the interpreter, exits on both, jumps while halted);
+    /// no host thread and no stdin.
+    #[arg(long)]
+    pub deterministic: bool,
+    /// Wait for gdb on this address (HOST:PORT) before the guest starts.
+    #[arg(long, value_name = "ADDR")]
+    pub gdb: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,10 +117,31 @@ enum Command {
         guest: PathBuf,
         #[arg(long)]
         lockstep: bool,
+        /// Turns of the run loop (about one exit each) per processor at most.
         #[arg(long)]
         max_steps: Option<u64>,
         #[arg(long)]
         replay: Option<PathBuf>,
+        /// The multiboot command line.
+        #[arg(long, default_value = "")]
+        append: String,
+        /// Guest RAM: a number of MiB, or with a K, M, G or T suffix.
+        #[arg(long, default_value = "128M")]
+        mem: String,
+        /// Wall-clock limit of each run, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Trace events shown before the divergence.
+        #[arg(long, default_value_t = 8)]
+        context: usize,
+        /// Compare KVM's in-kernel PIC, IOAPIC, LAPIC and PIT with Tandem's
+        /// (the guest on KVM with --irqchip kernel and --irqchip user)
+        /// instead of the two processors.
+        #[arg(long)]
+        devices: bool,
+        /// Status 1 for divergences a documented rule explains too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Fuzz random instruction streams on both processors.
     Fuzz {
@@ -112,8 +157,18 @@ enum Command {
         guest: PathBuf,
         #[arg(long, value_enum)]
         backend: Option<Backend>,
-        #[arg(long)]
+        /// Serve gdb on this address (HOST:PORT) instead of the prompt.
+        #[arg(long, value_name = "ADDR")]
         gdb: Option<String>,
+        /// Run the commands of this file first (one a line, # comments).
+        #[arg(long, short = 'x', value_name = "FILE")]
+        commands: Option<PathBuf>,
+        /// Guest RAM: a number of MiB, or with a K, M, G or T suffix.
+        #[arg(long, default_value = "128M")]
+        mem: String,
+        /// The multiboot command line.
+        #[arg(long, default_value = "")]
+        append: String,
     },
     /// Show the host's KVM flavour and capabilities and the CPUID offered.
     Info,
@@ -132,9 +187,61 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Info => run::info().map(|()| 0),
-        Command::Diff { .. } => Err(anyhow::anyhow!("`tandem diff` is not built yet")),
+        Command::Diff {
+            guest,
+            lockstep,
+            max_steps,
+            replay,
+            append,
+            mem,
+            timeout,
+            context,
+            devices,
+            strict,
+        } => {
+            // Errors of `tandem diff` are status 2 (1 means "diverged").
+            if lockstep || replay.is_some() {
+                eprintln!("tandem diff: --lockstep and --replay are not built yet");
+                return ExitCode::from(2);
+            }
+            let mem = match size::parse_size(&mem) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("tandem diff: bad --mem: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            Ok(diff::diff(&diff::DiffArgs {
+                guest,
+                append,
+                mem,
+                max_steps,
+                timeout: std::time::Duration::from_secs(timeout),
+                context,
+                devices,
+                strict,
+            }))
+        }
         Command::Fuzz { .. } => Err(anyhow::anyhow!("`tandem fuzz` is not built yet")),
-        Command::Debug { .. } => Err(anyhow::anyhow!("`tandem debug` is not built yet")),
+        Command::Debug {
+            guest,
+            backend,
+            gdb,
+            commands,
+            mem,
+            append,
+        } => size::parse_size(&mem)
+            .map_err(|e| anyhow::anyhow!("bad --mem: {e}"))
+            .and_then(|mem| {
+                debug::debug(&debug::DebugArgs {
+                    guest,
+                    backend,
+                    gdb,
+                    commands,
+                    mem,
+                    append,
+                })
+            }),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),

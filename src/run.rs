@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use tandem_core::cpu::VcpuState;
 use tandem_core::machine::{ExitStats, GuestContext, RunError, RunOutcome};
 use tandem_core::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
+use tandem_core::trace::{TraceFormat, WriterSink};
 use tandem_core::vcpu::Vcpu;
 use tandem_core::StopRequest;
 use tandem_firmware::acpi::{write_acpi, AcpiConfig};
@@ -16,7 +17,7 @@ use tandem_firmware::pvh::{load_pvh, pvh_entry_state};
 use tandem_kvm::{KvmFlavour, KvmVm, KvmVmOptions};
 
 use crate::size::parse_size;
-use crate::{Backend, Irqchip, RunArgs};
+use crate::{Backend, CpuModel, Irqchip, RunArgs};
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     let data =
@@ -46,6 +47,9 @@ enum Boot<'a> {
 }
 
 pub fn run(args: &RunArgs) -> Result<i32> {
+    if let Some(addr) = &args.gdb {
+        return crate::debug::run_with_gdb(args, addr);
+    }
     let boot_kind = match (&args.guest, &args.kernel) {
         (Some(_), Some(_)) => {
             bail!("give either a multiboot GUEST or --kernel, not both")
@@ -61,14 +65,24 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if args.smp == 0 {
         bail!("--smp must be at least 1");
     }
-    if args.smp > 1 {
-        bail!(
-            "--smp {} is not supported yet: Tandem runs one vCPU for now",
-            args.smp
-        );
+    if args.smp > 255 {
+        bail!("--smp {}: at most 255 vCPUs (xAPIC IDs)", args.smp);
     }
-    if args.trace.is_some() {
-        bail!("--trace is not built yet");
+    let trace_format = match &args.trace {
+        Some(p) => Some(TraceFormat::from_path(p).with_context(|| {
+            format!(
+                "--trace {}: the extension picks the format: .txt (text), .jsonl (JSON lines) \
+                 or .json (Chrome trace events)",
+                p.display()
+            )
+        })?),
+        None => None,
+    };
+    if trace_format.is_some() && args.irqchip == Irqchip::Kernel {
+        bail!(
+            "--trace follows Tandem's PIT, PIC, IOAPIC and LAPIC; with --irqchip kernel they \
+             are KVM's and cannot be traced (use --irqchip user)"
+        );
     }
     let image = read_file(guest, "guest")?;
     let initrd = match &args.initrd {
@@ -83,7 +97,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let pc = Pc::new(PcConfig {
         mem_size,
         vcpus: args.smp,
-        clock: ClockKind::Host,
+        clock: if args.deterministic {
+            ClockKind::Virtual
+        } else {
+            ClockKind::Host
+        },
         irqchip: match args.irqchip {
             Irqchip::User => IrqchipKind::User,
             Irqchip::Kernel => IrqchipKind::Kernel,
@@ -95,6 +113,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         serial_out: Box::new(std::io::stdout()),
     })
     .context("cannot build the machine")?;
+    if let Some(v) = &pc.virtual_clock {
+        v.set_progress(tandem_core::clock::GuestProgress::RUN);
+    }
 
     // The tables a guest finds at the top of the first MiB (reserved in
     // the e820 map, so no loader places anything there).
@@ -120,10 +141,24 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             .with_context(|| format!("cannot boot {}", guest.display()))?,
     };
 
+    if let (Some(path), Some(format)) = (&args.trace, trace_format) {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create the trace file {}", path.display()))?;
+        let out = Box::new(std::io::BufWriter::new(file));
+        pc.start_trace(Box::new(WriterSink::new(format, out)))
+            .context("cannot start the trace")?;
+    }
     let outcome = match backend {
-        Backend::Kvm => run_kvm(&pc, &state, args)?,
-        Backend::Interp => run_interp(&pc, &state, args)?,
+        Backend::Kvm => run_kvm(&pc, &state, args),
+        Backend::Interp => run_interp(&pc, &state, args),
     };
+    // The trace is completed whatever the outcome: it shows how the run got
+    // there.
+    let traced = pc.finish_trace();
+    let outcome = outcome?;
+    if let (Err(e), Some(path)) = (traced, &args.trace) {
+        bail!("cannot write the trace file {}: {e}", path.display());
+    }
     Ok(report(&pc, &outcome))
 }
 
@@ -151,6 +186,13 @@ fn load_linux(
 fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     let flavour = tandem_kvm::host_info().map(|i| i.flavour).ok();
     let kernel_irqchip = args.irqchip == Irqchip::Kernel;
+    if args.cpu == Some(CpuModel::Tandem) {
+        bail!(
+            "--cpu tandem is for the interpreter: on KVM the processor is KVM's supported \
+             CPUID cut to Tandem's model (--cpu kvm); give the interpreter --cpu kvm to \
+             compare the two"
+        );
+    }
     let vm = KvmVm::new(
         pc.machine.mem.clone(),
         &KvmVmOptions {
@@ -160,31 +202,35 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     )
     .map_err(|e| explain_kvm(e.into(), flavour))
     .context("cannot create the KVM VM")?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| explain_kvm(e.into(), flavour))
-        .context("cannot create vCPU 0")?;
-    vcpu.set_state(state)
-        .context("cannot load the entry state into KVM")?;
-    if let Some(khz) = vcpu.tsc_khz() {
-        pc.sync_tsc(&mut vcpu, khz)
-            .context("cannot set the guest TSC")?;
+    let mut vcpus = Vec::new();
+    for id in 0..args.smp {
+        let mut v = vm
+            .create_vcpu(id)
+            .map_err(|e| explain_kvm(e.into(), flavour))
+            .with_context(|| format!("cannot create vCPU {id}"))?;
+        // The BSP starts at the entry; application processors wait for
+        // INIT / SIPI from the guest in Tandem's run loop.
+        if id == 0 {
+            v.set_state(state)
+                .context("cannot load the entry state into KVM")?;
+        }
+        if let Some(khz) = v.tsc_khz() {
+            pc.sync_tsc(&mut v, khz)
+                .context("cannot set the guest TSC")?;
+        }
+        vcpus.push(v);
     }
     if kernel_irqchip {
         pc.machine.isa_irqs.connect(vm.kernel_irq_sink());
     }
     // Instructions KVM cannot emulate (PVM: CMPXCHG16B, XRSTOR...) are
     // executed one at a time by the interpreter.
-    let _ = pc
-        .machine
-        .fallback
-        .set(std::sync::Arc::new(tandem_interp::InterpFallback::new()));
-    pc.start_host_threads()
-        .context("cannot start the machine's threads")?;
-    pc.start_stdin().context("cannot read stdin")?;
+    let _ = pc.machine.fallback.set(std::sync::Arc::new(
+        tandem_interp::InterpFallback::with_cpuid(std::sync::Arc::new(vm.cpuid_table().clone())),
+    ));
+    start_threads(pc, args)?;
 
-    let mut stats = ExitStats::default();
-    let result = pc.machine.run_vcpu(&mut vcpu, &mut stats);
+    let (result, stats) = run_threads(pc, &mut vcpus);
     pc.stop_host_threads();
     if args.stats {
         eprintln!("tandem: exits: {stats:?}");
@@ -192,7 +238,10 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     if args.dump_devices {
         eprint!("{}", pc.dump_devices());
         if kernel_irqchip {
-            eprint!("{}{}", vm.dump_kernel_irqchip(), vcpu.dump_kernel_lapic());
+            eprint!("{}", vm.dump_kernel_irqchip());
+            for v in &vcpus {
+                eprint!("{}", v.dump_kernel_lapic());
+            }
         }
     }
     match result {
@@ -202,23 +251,50 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
 }
 
 fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
-    let mut vcpu = tandem_interp::InterpVcpu::new(0, pc.machine.mem.clone());
-    vcpu.set_state(state)
+    let cpuid = std::sync::Arc::new(match args.cpu {
+        Some(CpuModel::Kvm) => tandem_kvm::offered_cpuid(args.smp)
+            .context("--cpu kvm needs /dev/kvm to learn the CPUID KVM offers")?,
+        Some(CpuModel::Tandem) | None => tandem_core::cpuid::CpuidTable::model(args.smp),
+    });
+    let mut vcpus: Vec<tandem_interp::InterpVcpu> = (0..args.smp)
+        .map(|id| {
+            let mut v = tandem_interp::InterpVcpu::new(id, pc.machine.mem.clone());
+            v.set_cpuid(cpuid.clone());
+            // One TSC for the processor and the LAPIC's TSC-deadline timer.
+            v.set_tsc_clock(pc.machine.clock.clone(), tandem_core::pc::DEFAULT_TSC_KHZ);
+            v
+        })
+        .collect();
+    // The BSP starts at the entry; application processors stay in their
+    // reset state and wait for INIT / SIPI.
+    vcpus[0]
+        .set_state(state)
         .context("cannot load the entry state into the interpreter")?;
-    pc.start_host_threads()
-        .context("cannot start the machine's threads")?;
-    pc.start_stdin().context("cannot read stdin")?;
+    for v in &mut vcpus {
+        pc.sync_tsc(v, tandem_core::pc::DEFAULT_TSC_KHZ)
+            .context("cannot set the guest TSC")?;
+    }
+    start_threads(pc, args)?;
 
     let mut stats = ExitStats::default();
-    let result = pc.machine.run_vcpu(&mut vcpu, &mut stats);
+    let result = if let [vcpu] = vcpus.as_mut_slice() {
+        pc.machine.run_vcpu(vcpu, &mut stats)
+    } else {
+        // One thread, the vCPUs in turn in index order: deterministic.
+        let mut refs: Vec<&mut dyn Vcpu> = vcpus.iter_mut().map(|v| v as &mut dyn Vcpu).collect();
+        pc.machine.run_round_robin(&mut refs, &mut stats)
+    };
     pc.stop_host_threads();
     if args.stats {
         eprintln!("tandem: exits: {stats:?}");
-        eprintln!(
-            "tandem: interp: {} instructions retired, decode cache (hits, misses) {:?}",
-            vcpu.retired(),
-            vcpu.cache_stats()
-        );
+        for v in &vcpus {
+            eprintln!(
+                "tandem: interp vCPU {}: {} instructions retired, decode cache (hits, misses) {:?}",
+                v.id(),
+                v.retired(),
+                v.cache_stats()
+            );
+        }
     }
     if args.dump_devices {
         eprint!("{}", pc.dump_devices());
@@ -227,6 +303,89 @@ fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> 
         Ok(o) => Ok(o),
         Err(e) => Err(explain_run_error(pc, e, None)),
     }
+}
+
+/// Runs each vCPU on its own thread (the BSP on this one) until the first
+/// of them ends; the others are then stopped. Returns the first vCPU's
+/// outcome and the summed exit counts.
+fn run_threads(
+    pc: &Pc,
+    vcpus: &mut [tandem_kvm::KvmVcpu],
+) -> (Result<RunOutcome, RunError>, ExitStats) {
+    let machine = &pc.machine;
+    let first: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    // The first vCPU to end decides the outcome and stops the others (a
+    // stop request the guest made first stays the one reported).
+    let end = |id: u32| {
+        let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(id);
+        }
+        drop(f);
+        machine.control.request(StopRequest::Poweroff);
+        for b in &machine.doorbells {
+            b.ring();
+        }
+    };
+    let Some((bsp, aps)) = vcpus.split_first_mut() else {
+        return (
+            Err(RunError::Unhandled("no vCPU".to_string())),
+            ExitStats::default(),
+        );
+    };
+    let mut results: Vec<(u32, Result<RunOutcome, RunError>, ExitStats)> = Vec::new();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = aps
+            .iter_mut()
+            .map(|v| {
+                let end = &end;
+                scope.spawn(move || {
+                    let mut st = ExitStats::default();
+                    let r = machine.run_vcpu(v, &mut st);
+                    end(v.id());
+                    (v.id(), r, st)
+                })
+            })
+            .collect();
+        let mut st = ExitStats::default();
+        let r = machine.run_vcpu(bsp, &mut st);
+        end(0);
+        results.push((0, r, st));
+        for h in handles {
+            if let Ok(done) = h.join() {
+                results.push(done);
+            }
+        }
+    });
+    let mut total = ExitStats::default();
+    for (_, _, st) in &results {
+        total.io += st.io;
+        total.mmio += st.mmio;
+        total.msr += st.msr;
+        total.hlt += st.hlt;
+        total.windows += st.windows;
+        total.kicks += st.kicks;
+        total.injections += st.injections;
+        total.fallbacks += st.fallbacks;
+    }
+    let winner = first.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(0);
+    let pos = results
+        .iter()
+        .position(|(id, _, _)| *id == winner)
+        .unwrap_or(0);
+    let result = results.swap_remove(pos).1;
+    (result, total)
+}
+
+/// The timer watcher and the stdin reader, except in deterministic mode,
+/// where no host thread may ring a vCPU.
+fn start_threads(pc: &Pc, args: &RunArgs) -> Result<()> {
+    if args.deterministic {
+        return Ok(());
+    }
+    pc.start_host_threads()
+        .context("cannot start the machine's threads")?;
+    pc.start_stdin().context("cannot read stdin")
 }
 
 fn explain_kvm(e: anyhow::Error, flavour: Option<KvmFlavour>) -> anyhow::Error {
@@ -298,6 +457,14 @@ fn report(pc: &Pc, outcome: &RunOutcome) -> i32 {
             describe_insn(pc, ctx),
             register_dump(ctx)
         ),
+        RunOutcome::DeadHalt(ctx) if ctx.regs.rflags & tandem_core::cpu::rflags::IF != 0 => {
+            // Only in deterministic mode: no timer armed, no host input.
+            eprintln!(
+                "tandem: the guest halted at {} with no timer armed; with --deterministic \
+                 nothing else can wake it",
+                ctx.cs_rip()
+            )
+        }
         RunOutcome::DeadHalt(ctx) => eprintln!(
             "tandem: the guest halted with interrupts disabled at {} and nothing can wake it",
             ctx.cs_rip()

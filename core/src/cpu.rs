@@ -423,6 +423,77 @@ pub struct VcpuState {
     pub mp_state: MpState,
 }
 
+impl VcpuState {
+    /// The processor state after INIT (SDM vol. 3, table 9-1): real mode
+    /// at F000:FFF0 with CS.base FFFF0000, segments with limit FFFF, CR0
+    /// 60000010, EFER 0, DR6 / DR7 at their reset values, x87 / SSE state
+    /// reset, RDX the processor signature `signature`. `apic_base` is the
+    /// IA32_APIC_BASE the LAPIC keeps across INIT. An application processor
+    /// starts in wait-for-SIPI (`mp_state`).
+    pub fn after_init(bsp: bool, apic_base: u64, signature: u32) -> VcpuState {
+        let data = |sel: u16| Segment::real_mode(sel, false);
+        let mut cs = Segment::real_mode(0xf000, true);
+        cs.base = 0xffff_0000;
+        let mut ldt = data(0);
+        ldt.type_ = 2;
+        ldt.s = false;
+        let mut tr = data(0);
+        tr.type_ = 3;
+        tr.s = false;
+        VcpuState {
+            regs: Regs {
+                rip: 0xfff0,
+                rflags: rflags::FIXED1,
+                rdx: u64::from(signature),
+                ..Default::default()
+            },
+            sregs: Sregs {
+                cs,
+                ds: data(0),
+                es: data(0),
+                fs: data(0),
+                gs: data(0),
+                ss: data(0),
+                tr,
+                ldt,
+                gdt: DescriptorTable {
+                    base: 0,
+                    limit: 0xffff,
+                },
+                idt: DescriptorTable {
+                    base: 0,
+                    limit: 0xffff,
+                },
+                cr0: 0x6000_0010,
+                apic_base,
+                ..Default::default()
+            },
+            debug: DebugRegs {
+                dr6: 0xffff_0ff0,
+                dr7: 0x400,
+                ..Default::default()
+            },
+            fpu: FpuState::default(),
+            msrs: Vec::new(),
+            events: VcpuEvents::default(),
+            mp_state: if bsp {
+                MpState::Runnable
+            } else {
+                MpState::WaitForSipi
+            },
+        }
+    }
+
+    /// A start-up IPI with vector `vector` on a processor in wait-for-SIPI:
+    /// it starts in real mode at `vector << 12` (CS = vector << 8, IP = 0;
+    /// SDM vol. 3, 9.4.4).
+    pub fn start_at_sipi(&mut self, vector: u8) {
+        self.sregs.cs = Segment::real_mode(u16::from(vector) << 8, true);
+        self.regs.rip = 0;
+        self.mp_state = MpState::Runnable;
+    }
+}
+
 impl fmt::Display for Regs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -507,6 +578,24 @@ mod tests {
         assert_eq!(s.mode_name(), "64-bit mode");
         s.cs.dpl = 3;
         assert_eq!(s.cpl(), 3);
+    }
+
+    #[test]
+    fn init_and_sipi_states() {
+        let mut s = VcpuState::after_init(false, 0xfee0_0800, 0x600);
+        assert_eq!(s.mp_state, MpState::WaitForSipi);
+        assert_eq!(s.sregs.cs.base + s.regs.rip, 0xffff_fff0);
+        assert_eq!(s.sregs.cr0, 0x6000_0010);
+        assert_eq!(s.regs.rdx, 0x600);
+        s.start_at_sipi(0x9a);
+        assert_eq!(s.sregs.cs.selector, 0x9a00);
+        assert_eq!(s.sregs.cs.base, 0x9_a000);
+        assert_eq!(s.regs.rip, 0);
+        assert_eq!(s.mp_state, MpState::Runnable);
+        assert_eq!(
+            VcpuState::after_init(true, 0xfee0_0900, 0x600).mp_state,
+            MpState::Runnable
+        );
     }
 
     #[test]

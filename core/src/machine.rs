@@ -9,7 +9,7 @@ use thiserror::Error;
 use crate::bus::Bus;
 use crate::clock::SharedClock;
 use crate::control::{MachineControl, StopRequest};
-use crate::cpu::{Regs, Sregs};
+use crate::cpu::{Regs, Sregs, VcpuState};
 use crate::irq::IsaIrqRouter;
 use crate::ladder::{self, InterruptSource};
 use crate::memory::GuestMemory;
@@ -99,6 +99,59 @@ pub enum RunError {
     Unhandled(String),
 }
 
+/// The processor signature in RDX after INIT (SDM vol. 3, 9.1.4): family
+/// 6, as Tandem's CPUID model.
+const INIT_SIGNATURE: u32 = 0x0005_0654;
+
+/// Exits a vCPU may take in one round-robin slice before the next vCPU's
+/// turn (a slice also ends when the processor's own budget runs out).
+pub const ROUND_ROBIN_TURNS: usize = 1000;
+
+/// What one turn of the run loop came to.
+#[derive(Debug)]
+pub enum Turn {
+    /// The vCPU ran, or its state moved; take another turn.
+    Ran,
+    /// The vCPU waits (HLT or wait-for-SIPI) and nothing woke it; `deadline`
+    /// is the next timer deadline on the machine clock.
+    Idle { deadline: Option<u64> },
+    /// The run is over.
+    Done(RunOutcome),
+}
+
+/// A halted vCPU's prospects.
+enum Halt {
+    Wake,
+    Stopping,
+    Dead,
+    Sleep(Option<u64>),
+}
+
+/// The run loop's memory of one vCPU between turns.
+pub struct VcpuLoop {
+    id: u32,
+    bell: Arc<Doorbell>,
+    /// The CR8 / TPR value processor and LAPIC agreed on last.
+    cr8: Option<u64>,
+    /// The last exit could have written the TPR.
+    tpr_written: bool,
+    /// The handler entry of the last injection, for the trace.
+    delivery: Option<crate::trace::TraceEvent>,
+    /// In HLT, with IF as it was then.
+    halted: Option<bool>,
+    /// The last entry ended with a kick (or the interpreter's budget).
+    kicked: bool,
+}
+
+impl std::fmt::Debug for VcpuLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuLoop")
+            .field("id", &self.id)
+            .field("halted", &self.halted)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Counts of what the run loop handled, for benchmarks and `--stats`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExitStats {
@@ -133,6 +186,8 @@ pub struct Machine {
     /// for KVM). Set once, after the machine is built; empty: such an
     /// instruction ends the run.
     pub fallback: std::sync::OnceLock<Arc<dyn crate::fallback::InstructionFallback>>,
+    /// The interrupt trace (off unless started; see [`crate::trace`]).
+    pub tracer: crate::trace::Tracer,
 }
 
 impl std::fmt::Debug for Machine {
@@ -145,6 +200,14 @@ impl std::fmt::Debug for Machine {
     }
 }
 
+/// Up to 8 bytes of an access, little-endian, as a number.
+fn le_value(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |v, (i, b)| v | (u64::from(*b) << (8 * i)))
+}
+
 fn context(vcpu: &mut dyn Vcpu) -> Box<GuestContext> {
     Box::new(GuestContext {
         regs: vcpu.get_regs().unwrap_or_default(),
@@ -154,12 +217,77 @@ fn context(vcpu: &mut dyn Vcpu) -> Box<GuestContext> {
 
 impl Machine {
     /// Runs `vcpu` until the guest stops, faults fatally or the processor
-    /// fails. `stats` counts what was handled.
+    /// fails. `stats` counts what was handled. With several vCPUs, each runs
+    /// this on its own thread (KVM), or [`Machine::run_round_robin`] takes
+    /// them in turn on one thread (the interpreter).
     pub fn run_vcpu(
         &self,
         vcpu: &mut dyn Vcpu,
         stats: &mut ExitStats,
     ) -> Result<RunOutcome, RunError> {
+        let mut l = self.vcpu_loop(vcpu);
+        loop {
+            if let Turn::Done(outcome) = self.turn(&mut l, vcpu, stats, true)? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// Runs `vcpus` on this thread, one after another in index order, each
+    /// for a slice (until the processor returns to the VMM on its own budget
+    /// or [`ROUND_ROBIN_TURNS`] exits), skipping vCPUs that wait in HLT or
+    /// for a SIPI: the interpreter's deterministic SMP. Ends with the first
+    /// vCPU whose run ends.
+    pub fn run_round_robin(
+        &self,
+        vcpus: &mut [&mut dyn Vcpu],
+        stats: &mut ExitStats,
+    ) -> Result<RunOutcome, RunError> {
+        let mut loops: Vec<VcpuLoop> = vcpus.iter_mut().map(|v| self.vcpu_loop(&mut **v)).collect();
+        loop {
+            let mut all_idle = true;
+            let mut earliest: Option<u64> = None;
+            for (l, v) in loops.iter_mut().zip(vcpus.iter_mut()) {
+                for _ in 0..ROUND_ROBIN_TURNS {
+                    match self.turn(l, &mut **v, stats, false)? {
+                        Turn::Done(outcome) => return Ok(outcome),
+                        Turn::Idle { deadline } => {
+                            if let Some(d) = deadline {
+                                earliest = Some(earliest.map_or(d, |e| e.min(d)));
+                            }
+                            break;
+                        }
+                        Turn::Ran => {
+                            all_idle = false;
+                            if l.kicked {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            if all_idle {
+                // Every vCPU waits: a virtual clock jumps to the next timer
+                // deadline; with the host clock, sleep a little (a device
+                // thread or the timer watcher rings the doorbells meanwhile).
+                if let Some(d) = earliest {
+                    if self.clock.warp_to(d) {
+                        continue;
+                    }
+                }
+                let now = self.clock.now_ns();
+                let nap = earliest.map_or(1_000_000, |d| d.saturating_sub(now).min(1_000_000));
+                if let Some(b) = self.doorbells.first() {
+                    if !b.take() {
+                        b.wait(Some(Duration::from_nanos(nap.max(10_000))));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The run loop's state for `vcpu`, before its first turn.
+    pub fn vcpu_loop(&self, vcpu: &mut dyn Vcpu) -> VcpuLoop {
         let id = vcpu.id();
         let bell = self
             .doorbells
@@ -172,142 +300,241 @@ impl Machine {
         // processor holds CR8, the machine the TPR. `cr8` is the value both
         // agreed on last. The TPR only moves through the APIC page or MSRs,
         // so it is read back only after an exit that could have written it.
-        let mut cr8 = self.interrupts.cr8(id);
+        let cr8 = self.interrupts.cr8(id);
         if let Some(c) = cr8 {
             vcpu.set_cr8(c);
         }
-        let mut tpr_written = false;
-        loop {
-            if self.control.stop_requested() {
-                if let Some(r) = self.control.stop_request() {
-                    return Ok(RunOutcome::Stop(r));
-                }
-            }
-            bell.take();
-            self.timers.fire_due(self.clock.now_ns());
-            let d = ladder::inject_events(vcpu, &*self.interrupts)?;
-            if d.injected.is_some() {
-                stats.injections += 1;
-            }
-            if tpr_written {
-                tpr_written = false;
-                if let Some(tpr) = self.interrupts.cr8(id) {
-                    if cr8 != Some(tpr) {
-                        vcpu.set_cr8(tpr);
-                        cr8 = Some(tpr);
-                    }
-                }
-            }
-            if !bell.enter() {
-                continue;
-            }
-            let exit = vcpu.run();
-            bell.leave();
-            if let Some(known) = cr8 {
-                let now = vcpu.cr8();
-                if now != known {
-                    self.interrupts.set_cr8(id, now);
-                    cr8 = Some(now);
-                }
-            }
-            let exit = exit?;
-            tpr_written = matches!(
-                exit,
-                VcpuExit::MmioWrite { .. }
-                    | VcpuExit::WrMsr { .. }
-                    | VcpuExit::EmulationFailure { .. }
-            );
-            match exit {
-                e @ (VcpuExit::IoOut { .. }
-                | VcpuExit::IoIn { .. }
-                | VcpuExit::MmioWrite { .. }
-                | VcpuExit::MmioRead { .. }
-                | VcpuExit::RdMsr { .. }
-                | VcpuExit::WrMsr { .. }) => {
-                    self.handle_data_exit(vcpu, &e, stats);
-                }
-                VcpuExit::Hlt => {
-                    stats.hlt += 1;
-                    if let Some(outcome) = self.halt(vcpu, &bell)? {
-                        return Ok(outcome);
-                    }
-                }
-                VcpuExit::InterruptWindow | VcpuExit::NmiWindow => stats.windows += 1,
-                VcpuExit::Kicked => stats.kicks += 1,
-                VcpuExit::TprLowered => {}
-                VcpuExit::Debug { .. } => {}
-                VcpuExit::Shutdown => return Ok(RunOutcome::TripleFault(context(vcpu))),
-                VcpuExit::EmulationFailure { insn } => {
-                    // The interpreter executes the instruction when one is
-                    // installed (it delivers INT3 / INT n through the IDT
-                    // exactly, which a stock kernel's INT3 self-test needs
-                    // on PVM); the event fast path is for machines without
-                    // it, and for what the interpreter refuses.
-                    let mut refused = None;
-                    if let Some(fb) = self.fallback.get() {
-                        match fb.execute_one(self, vcpu) {
-                            Ok(Some(done)) => {
-                                stats.fallbacks += 1;
-                                self.note_fallback(
-                                    vcpu.backend(),
-                                    &done,
-                                    "Tandem's interpreter executed it",
-                                );
-                                continue;
-                            }
-                            Ok(None) => {}
-                            Err(e) => refused = Some(e),
-                        }
-                    }
-                    if let Some(done) = crate::fallback::finish_event_instruction(&self.mem, vcpu)?
-                    {
-                        stats.fallbacks += 1;
-                        self.note_fallback(
-                            vcpu.backend(),
-                            &format!("{done:?}"),
-                            "Tandem delivered its event",
-                        );
-                        continue;
-                    }
-                    if let Some(e) = refused {
-                        return Err(e);
-                    }
-                    let context = context(vcpu);
-                    let bytes = if insn.is_empty() {
-                        "no instruction bytes reported".to_string()
-                    } else {
-                        insn.iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    };
-                    return Err(RunError::EmulationFailure {
-                        backend: vcpu.backend(),
-                        cs_rip: context.cs_rip(),
-                        bytes,
-                        context,
-                    });
-                }
-                VcpuExit::InternalError { suberror, .. } => {
-                    let context = context(vcpu);
-                    return Err(RunError::Internal {
-                        backend: vcpu.backend(),
-                        suberror,
-                        cs_rip: context.cs_rip(),
-                        context,
-                    });
-                }
-                VcpuExit::FailEntry { reason } => {
-                    let context = context(vcpu);
-                    return Err(RunError::FailEntry {
-                        reason,
-                        cs_rip: context.cs_rip(),
-                        context,
-                    });
-                }
-                VcpuExit::Unhandled(what) => return Err(RunError::Unhandled(what)),
+        VcpuLoop {
+            id,
+            bell,
+            cr8,
+            tpr_written: false,
+            delivery: None,
+            halted: None,
+            kicked: false,
+        }
+    }
+
+    /// One turn of the run loop for `vcpu`: INIT / SIPI, a HLT's wake-up
+    /// check, timers, the injection ladder, one entry into the processor
+    /// and its exit. With `blocking`, a waiting vCPU sleeps on its doorbell
+    /// here; otherwise the turn returns [`Turn::Idle`].
+    pub fn turn(
+        &self,
+        l: &mut VcpuLoop,
+        vcpu: &mut dyn Vcpu,
+        stats: &mut ExitStats,
+        blocking: bool,
+    ) -> Result<Turn, RunError> {
+        let id = l.id;
+        if self.control.stop_requested() {
+            if let Some(r) = self.control.stop_request() {
+                return Ok(Turn::Done(RunOutcome::Stop(r)));
             }
         }
+        // INIT and start-up IPIs (SDM vol. 3, 9.4.4 and 11.6.1): the LAPIC
+        // took them; the processor's state follows here.
+        if self.interrupts.take_init(id) {
+            let apic_base = vcpu.get_sregs()?.apic_base;
+            vcpu.set_state(&VcpuState::after_init(id == 0, apic_base, INIT_SIGNATURE))?;
+            l.halted = None;
+        }
+        if self.interrupts.wait_for_sipi(id) {
+            match self.interrupts.take_sipi(id) {
+                Some(vector) => {
+                    let apic_base = vcpu.get_sregs()?.apic_base;
+                    let mut st = VcpuState::after_init(false, apic_base, INIT_SIGNATURE);
+                    st.start_at_sipi(vector);
+                    vcpu.set_state(&st)?;
+                    l.halted = None;
+                }
+                None => {
+                    if !blocking {
+                        return Ok(Turn::Idle { deadline: None });
+                    }
+                    if !l.bell.take() {
+                        l.bell.wait(Some(Duration::from_millis(100)));
+                    }
+                    return Ok(Turn::Ran);
+                }
+            }
+        }
+        if let Some(if_flag) = l.halted {
+            match self.halt_poll(vcpu, if_flag) {
+                Halt::Wake => l.halted = None,
+                Halt::Stopping => return Ok(Turn::Ran),
+                Halt::Dead => return Ok(Turn::Done(RunOutcome::DeadHalt(context(vcpu)))),
+                Halt::Sleep(deadline) => {
+                    if !blocking {
+                        return Ok(Turn::Idle { deadline });
+                    }
+                    // A timer deadline is in guest-clock nanoseconds; with
+                    // the host clock they are host nanoseconds too. A virtual
+                    // clock does not move while the vCPU sleeps, so waiting
+                    // on it would never end: the clock decides how long a
+                    // halt lasts.
+                    if let Some(d) = deadline {
+                        if self.doorbells.len() <= 1 && self.clock.warp_to(d) {
+                            return Ok(Turn::Ran);
+                        }
+                    }
+                    // Deterministic mode has no host thread to ring the
+                    // bell: with no deadline nothing can end this HLT.
+                    if deadline.is_none()
+                        && self.doorbells.len() <= 1
+                        && self.guest_progress().is_some()
+                    {
+                        return Ok(Turn::Done(RunOutcome::DeadHalt(context(vcpu))));
+                    }
+                    let now = self.clock.now_ns();
+                    let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+                    if !l.bell.take() {
+                        l.bell.wait(timeout);
+                    }
+                    return Ok(Turn::Ran);
+                }
+            }
+        }
+        l.bell.take();
+        l.kicked = false;
+        self.timers.fire_due(self.clock.now_ns());
+        let d = ladder::inject_events_traced(vcpu, &*self.interrupts, &self.tracer)?;
+        if let Some(ev) = d.injected {
+            stats.injections += 1;
+            if self.tracer.enabled() {
+                l.delivery = self.tracer.injection(&self.mem, vcpu, ev, d.reinjection);
+            }
+        }
+        if l.tpr_written {
+            l.tpr_written = false;
+            if let Some(tpr) = self.interrupts.cr8(id) {
+                if l.cr8 != Some(tpr) {
+                    vcpu.set_cr8(tpr);
+                    l.cr8 = Some(tpr);
+                }
+            }
+        }
+        if !l.bell.enter() {
+            return Ok(Turn::Ran);
+        }
+        let progress = self.guest_progress();
+        let retired_before = self.limit_run(vcpu, progress);
+        let exit = vcpu.run();
+        l.bell.leave();
+        self.advance_with_instructions(vcpu, progress, retired_before);
+        // A kick can end the run before the entry delivered anything.
+        if !matches!(exit, Ok(VcpuExit::Kicked)) {
+            if let Some(ev) = l.delivery.take() {
+                self.tracer.emit(ev);
+            }
+        }
+        if let Some(known) = l.cr8 {
+            let now = vcpu.cr8();
+            if now != known {
+                self.interrupts.set_cr8(id, now);
+                l.cr8 = Some(now);
+            }
+        }
+        let exit = exit?;
+        self.tracer.exit(id, &exit);
+        l.tpr_written = matches!(
+            exit,
+            VcpuExit::MmioWrite { .. } | VcpuExit::WrMsr { .. } | VcpuExit::EmulationFailure { .. }
+        );
+        match exit {
+            e @ (VcpuExit::IoOut { .. }
+            | VcpuExit::IoIn { .. }
+            | VcpuExit::MmioWrite { .. }
+            | VcpuExit::MmioRead { .. }
+            | VcpuExit::RdMsr { .. }
+            | VcpuExit::WrMsr { .. }) => {
+                self.handle_data_exit(vcpu, &e, stats);
+                if let (Some(p), Some(v)) = (progress, self.clock.as_virtual()) {
+                    v.advance(p.ns_per_exit);
+                }
+            }
+            VcpuExit::Hlt => {
+                stats.hlt += 1;
+                l.halted = Some(vcpu.readiness()?.if_flag);
+            }
+            VcpuExit::InterruptWindow | VcpuExit::NmiWindow => stats.windows += 1,
+            VcpuExit::Kicked => {
+                stats.kicks += 1;
+                l.kicked = true;
+            }
+            VcpuExit::TprLowered => {}
+            VcpuExit::Debug { .. } => {}
+            VcpuExit::Shutdown => return Ok(Turn::Done(RunOutcome::TripleFault(context(vcpu)))),
+            VcpuExit::EmulationFailure { insn } => {
+                // The interpreter executes the instruction when one is
+                // installed (it delivers INT3 / INT n through the IDT
+                // exactly, which a stock kernel's INT3 self-test needs
+                // on PVM); the event fast path is for machines without
+                // it, and for what the interpreter refuses.
+                let mut refused = None;
+                if let Some(fb) = self.fallback.get() {
+                    match fb.execute_one(self, vcpu) {
+                        Ok(Some(done)) => {
+                            stats.fallbacks += 1;
+                            self.note_fallback(
+                                vcpu.backend(),
+                                &done,
+                                "Tandem's interpreter executed it",
+                            );
+                            return Ok(Turn::Ran);
+                        }
+                        Ok(None) => {}
+                        Err(e) => refused = Some(e),
+                    }
+                }
+                if let Some(done) = crate::fallback::finish_event_instruction(&self.mem, vcpu)? {
+                    stats.fallbacks += 1;
+                    self.note_fallback(
+                        vcpu.backend(),
+                        &format!("{done:?}"),
+                        "Tandem delivered its event",
+                    );
+                    return Ok(Turn::Ran);
+                }
+                if let Some(e) = refused {
+                    return Err(e);
+                }
+                let context = context(vcpu);
+                let bytes = if insn.is_empty() {
+                    "no instruction bytes reported".to_string()
+                } else {
+                    insn.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                return Err(RunError::EmulationFailure {
+                    backend: vcpu.backend(),
+                    cs_rip: context.cs_rip(),
+                    bytes,
+                    context,
+                });
+            }
+            VcpuExit::InternalError { suberror, .. } => {
+                let context = context(vcpu);
+                return Err(RunError::Internal {
+                    backend: vcpu.backend(),
+                    suberror,
+                    cs_rip: context.cs_rip(),
+                    context,
+                });
+            }
+            VcpuExit::FailEntry { reason } => {
+                let context = context(vcpu);
+                return Err(RunError::FailEntry {
+                    reason,
+                    cs_rip: context.cs_rip(),
+                    context,
+                });
+            }
+            VcpuExit::Unhandled(what) => return Err(RunError::Unhandled(what)),
+        }
+        Ok(Turn::Ran)
     }
 
     /// Completes a port-I/O, MMIO or machine-MSR exit of `vcpu` through the
@@ -326,6 +553,13 @@ impl Machine {
                 let size = usize::from(size.max(1));
                 let data = vcpu.io_data();
                 for chunk in data.chunks(size).take(count as usize) {
+                    self.tracer
+                        .emit_with(|| crate::trace::TraceEvent::PortWrite {
+                            cpu: id,
+                            port,
+                            size: chunk.len() as u8,
+                            value: le_value(chunk),
+                        });
                     self.pio.write(u64::from(port), chunk);
                 }
             }
@@ -341,6 +575,13 @@ impl Machine {
                 stats.mmio += 1;
                 let data = vcpu.mmio_data();
                 let n = usize::from(len).min(data.len());
+                self.tracer
+                    .emit_with(|| crate::trace::TraceEvent::MmioWrite {
+                        cpu: id,
+                        addr,
+                        len: n as u8,
+                        value: le_value(&data[..n]),
+                    });
                 let local = self
                     .local_mmio
                     .as_ref()
@@ -376,6 +617,53 @@ impl Machine {
         true
     }
 
+    /// The deterministic mode's rates, when the machine runs on a virtual
+    /// clock the run loop moves (see [`crate::clock::GuestProgress`]).
+    pub fn guest_progress(&self) -> Option<crate::clock::GuestProgress> {
+        self.clock.as_virtual().and_then(|v| v.progress())
+    }
+
+    /// Deterministic mode on a processor that counts instructions: limits
+    /// the next run to the instructions left until the next timer deadline
+    /// (at least one), so the timer fires at that instruction boundary.
+    /// Returns the instructions retired before the run.
+    fn limit_run(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        progress: Option<crate::clock::GuestProgress>,
+    ) -> Option<u64> {
+        let rate = progress?.ns_per_instruction;
+        let retired = vcpu.instructions_retired()?;
+        if rate == 0 {
+            return None;
+        }
+        let limit = self.timers.next_deadline().map(|d| {
+            let left = d.saturating_sub(self.clock.now_ns());
+            left.div_ceil(rate).max(1)
+        });
+        vcpu.set_run_limit(limit);
+        Some(retired)
+    }
+
+    /// Deterministic mode: moves the clock by the instructions the last run
+    /// retired.
+    fn advance_with_instructions(
+        &self,
+        vcpu: &mut dyn Vcpu,
+        progress: Option<crate::clock::GuestProgress>,
+        retired_before: Option<u64>,
+    ) {
+        let (Some(p), Some(before), Some(v)) = (progress, retired_before, self.clock.as_virtual())
+        else {
+            return;
+        };
+        let now = vcpu.instructions_retired().unwrap_or(before);
+        v.advance(
+            now.saturating_sub(before)
+                .saturating_mul(p.ns_per_instruction),
+        );
+    }
+
     /// Says once per distinct instruction that the processor gave up on it.
     fn note_fallback(&self, backend: &str, insn: &str, how: &str) {
         let mut seen = self
@@ -388,43 +676,23 @@ impl Machine {
         }
     }
 
-    /// HLT: sleeps until something can wake the vCPU. Returns an outcome when
-    /// the run must end instead.
-    fn halt(&self, vcpu: &mut dyn Vcpu, bell: &Doorbell) -> Result<Option<RunOutcome>, RunError> {
+    /// Whether a vCPU halted by HLT (with IF as it was at the HLT) can go on.
+    fn halt_poll(&self, vcpu: &mut dyn Vcpu, if_flag: bool) -> Halt {
         let id = vcpu.id();
-        let if_flag = vcpu.readiness()?.if_flag;
-        loop {
-            if self.control.stop_requested() {
-                return Ok(None);
-            }
-            let now = self.clock.now_ns();
-            self.timers.fire_due(now);
-            if self.interrupts.nmi_pending(id) || (if_flag && self.interrupts.interrupt_pending(id))
-            {
-                return Ok(None);
-            }
-            let deadline = self.timers.next_deadline();
-            // With IF clear only an NMI, SMI or INIT ends a HLT (SDM vol. 3,
-            // 6.8.1 and the HLT instruction); timers raise maskable
-            // interrupts unless the controllers route them as NMIs, which
-            // `can_wake_masked` answers.
-            if !if_flag && !self.interrupts.can_wake_masked(id) {
-                return Ok(Some(RunOutcome::DeadHalt(context(vcpu))));
-            }
-            // A timer deadline is in guest-clock nanoseconds; with the host
-            // clock they are host nanoseconds too. A virtual clock does not
-            // move while the vCPU sleeps, so waiting on it would never end:
-            // the clock decides how long a halt lasts.
-            if let Some(d) = deadline {
-                if self.doorbells.len() <= 1 && self.clock.warp_to(d) {
-                    continue;
-                }
-            }
-            let timeout = deadline.map(|d| Duration::from_nanos(d.saturating_sub(now)));
-            if bell.take() {
-                continue;
-            }
-            bell.wait(timeout);
+        if self.control.stop_requested() {
+            return Halt::Stopping;
         }
+        self.timers.fire_due(self.clock.now_ns());
+        if self.interrupts.nmi_pending(id) || (if_flag && self.interrupts.interrupt_pending(id)) {
+            return Halt::Wake;
+        }
+        // With IF clear only an NMI, SMI or INIT ends a HLT (SDM vol. 3,
+        // 6.8.1 and the HLT instruction); timers raise maskable interrupts
+        // unless the controllers route them as NMIs, which
+        // `can_wake_masked` answers.
+        if !if_flag && !self.interrupts.can_wake_masked(id) {
+            return Halt::Dead;
+        }
+        Halt::Sleep(self.timers.next_deadline())
     }
 }

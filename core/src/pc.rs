@@ -39,6 +39,7 @@ use crate::ladder::{InterruptSource, NoInterrupts};
 use crate::machine::{LocalMmio, Machine, MsrHandler};
 use crate::memory::{GuestMemory, MemoryError};
 use crate::timer::TimerSet;
+use crate::trace::{Source, TraceEvent, TraceSink, TracedLine, Tracer};
 use crate::vcpu::{Doorbell, Vcpu, VcpuResult};
 
 /// The guest TSC rate Tandem's LAPIC and the interpreter use (KVM's own
@@ -85,6 +86,13 @@ pub enum PcError {
     Bus(#[from] BusError),
     #[error("--smp must be between 1 and 255, got {0}")]
     Vcpus(u32),
+    #[error(
+        "the interrupt trace follows Tandem's PIC, IOAPIC and LAPIC: with KVM's in-kernel \
+         irqchip (--irqchip kernel) there is nothing to trace"
+    )]
+    TraceNeedsUserIrqchip,
+    #[error("trace output: {0}")]
+    Trace(#[from] std::io::Error),
 }
 
 /// The ladder's view of the `pc` interrupt system: the APIC router, plus
@@ -142,6 +150,18 @@ impl InterruptSource for PcInterrupts {
     }
     fn set_cr8(&self, vcpu: u32, cr8: u64) {
         InterruptSource::set_cr8(&*self.router, vcpu, cr8)
+    }
+    fn held_by_priority(&self, vcpu: u32) -> Option<(u8, u8)> {
+        self.router.held_by_priority(vcpu)
+    }
+    fn take_init(&self, vcpu: u32) -> bool {
+        InterruptSource::take_init(&*self.router, vcpu)
+    }
+    fn wait_for_sipi(&self, vcpu: u32) -> bool {
+        InterruptSource::wait_for_sipi(&*self.router, vcpu)
+    }
+    fn take_sipi(&self, vcpu: u32) -> Option<u8> {
+        InterruptSource::take_sipi(&*self.router, vcpu)
     }
 }
 
@@ -281,6 +301,8 @@ impl Pc {
                 (v.clone(), Some(v))
             }
         };
+        // Off until `start_trace`; every device holds a clone.
+        let tracer = Tracer::new(clock.clone());
         let control = Arc::new(MachineControl::new());
         let isa = Arc::new(IsaIrqRouter::new());
         let timers = Arc::new(TimerSet::new());
@@ -290,14 +312,15 @@ impl Pc {
 
         let irqchip = match cfg.irqchip {
             IrqchipKind::User => Some(Self::user_irqchip(
-                &cfg, &clock, &isa, &timers, &bells, &mut pio, &mut mmio,
+                &cfg, &clock, &isa, &timers, &bells, &tracer, &mut pio, &mut mmio,
             )?),
             IrqchipKind::Kernel => None,
         };
 
         // COM1.
+        let traced = |source, irq: u8| TracedLine::wrap(isa.line(irq), tracer.clone(), source, irq);
         let serial = Arc::new(Mutex::new(Serial::new(
-            isa.line(COM1_IRQ),
+            traced(Source::Uart, COM1_IRQ),
             cfg.serial_out,
             clock.clone(),
         )));
@@ -306,9 +329,14 @@ impl Pc {
 
         // CMOS / RTC.
         let cmos = Arc::new(Mutex::new(Cmos::new(
-            isa.line(RTC_IRQ),
+            traced(Source::Rtc, RTC_IRQ),
             clock.clone(),
-            start_unix_time(),
+            // A reproducible run starts at a fixed date (2000-01-01 UTC).
+            if cfg.clock == ClockKind::Virtual {
+                946_684_800
+            } else {
+                start_unix_time()
+            },
             cfg.mem_size,
         )));
         pio.insert(rearming(cmos.clone(), &timers), CMOS_BASE, CMOS_PORTS)?;
@@ -317,7 +345,7 @@ impl Pc {
         // i8042 (reset line, keyboard probe answers).
         let kbc = Arc::new(Mutex::new(I8042::new(
             control.clone(),
-            Some(isa.line(KEYBOARD_IRQ)),
+            Some(traced(Source::Keyboard, KEYBOARD_IRQ)),
         )));
         for (base, dev) in i8042_ports(&kbc) {
             pio.insert(dev, base, 1)?;
@@ -327,7 +355,7 @@ impl Pc {
         // IRQ 9), PCI configuration mechanism #1 with the i440FX and PIIX3
         // (and the 0xCF9 reset control), fw_cfg, pc-testdev.
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
-            isa.line(SCI_IRQ),
+            traced(Source::AcpiSci, SCI_IRQ),
             clock.clone(),
             control.clone(),
             DEFAULT_S5_SLP_TYP,
@@ -353,9 +381,26 @@ impl Pc {
         {
             let ioapic = irqchip.as_ref().map(|c| Arc::downgrade(&c.ioapic));
             let isa = isa.clone();
+            let tracer = tracer.clone();
+            // The level of each line, so that only changes are traced.
+            let levels = std::sync::atomic::AtomicU32::new(0);
             // Lines 0-15 are ISA IRQs (PIC n and IOAPIC pin n, IRQ 0 to
             // pin 2); 16-23 reach IOAPIC pins directly, as QEMU's GSIs.
             let set_line: SetIrqLine = Arc::new(move |n, level| {
+                if let Some(bit) = 1u32.checked_shl(u32::from(n)) {
+                    let old = if level {
+                        levels.fetch_or(bit, Ordering::Relaxed)
+                    } else {
+                        levels.fetch_and(!bit, Ordering::Relaxed)
+                    };
+                    if (old & bit != 0) != level {
+                        tracer.emit(TraceEvent::IrqLine {
+                            source: Source::Testdev,
+                            line: n,
+                            level,
+                        });
+                    }
+                }
                 if n < 16 {
                     isa.set(n, level)
                 } else if let Some(io) = ioapic.as_ref().and_then(Weak::upgrade) {
@@ -411,6 +456,7 @@ impl Pc {
             doorbells: bells,
             fallback_notes: Mutex::new(Vec::new()),
             fallback: std::sync::OnceLock::new(),
+            tracer,
         });
         let pc = Pc {
             machine,
@@ -427,12 +473,16 @@ impl Pc {
     }
 
     /// Tandem's LAPICs, 8259A pair, PIT and IOAPIC, wired together.
+    // The wiring needs every shared part of the machine; a struct for them
+    // would only rename the parameters.
+    #[allow(clippy::too_many_arguments)]
     fn user_irqchip(
         cfg: &PcConfig,
         clock: &SharedClock,
         isa: &Arc<IsaIrqRouter>,
         timers: &Arc<TimerSet>,
         bells: &[Arc<Doorbell>],
+        tracer: &Tracer,
         pio: &mut Bus,
         mmio: &mut Bus,
     ) -> Result<UserIrqchip, PcError> {
@@ -446,9 +496,13 @@ impl Pc {
         for t in router.timers() {
             timers.add(t);
         }
+        router.set_tracer(tracer.clone());
 
         // 8259A pair; INT drives LINT0.
         let pic = Arc::new(Mutex::new(Pic::new(router.lint_line(0))));
+        pic.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_tracer(tracer.clone());
         for (dev, base, len) in crate::devices::pic::pc_port_devices(&pic) {
             pio.insert(dev, base, len)?;
         }
@@ -457,7 +511,7 @@ impl Pc {
         // 8254 PIT on IRQ 0, port 0x61.
         let pit = Arc::new(Mutex::new(Pit::new(
             clock.clone(),
-            isa.line(0),
+            TracedLine::wrap(isa.line(0), tracer.clone(), Source::Pit, 0),
             cfg.lost_ticks,
         )));
         for (dev, base, len) in crate::devices::pit::pc_port_devices(&pit) {
@@ -484,6 +538,10 @@ impl Pc {
 
         // IOAPIC: messages to the LAPICs, EOIs back.
         let ioapic = Arc::new(Mutex::new(IoApic::new(router.clone())));
+        ioapic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_tracer(tracer.clone());
         mmio.insert(ioapic.clone(), IOAPIC_BASE, IOAPIC_MMIO_SIZE)?;
         isa.connect(Arc::new(IoApicIrqSink(ioapic.clone())));
         {
@@ -590,6 +648,28 @@ impl Pc {
         Ok(())
     }
 
+    /// The machine's interrupt trace handle.
+    pub fn tracer(&self) -> &Tracer {
+        &self.machine.tracer
+    }
+
+    /// Starts the interrupt trace into `sink` (see [`crate::trace`]).
+    /// Refused with KVM's in-kernel irqchip: its PIC, IOAPIC and LAPIC are
+    /// out of Tandem's sight.
+    pub fn start_trace(&self, sink: Box<dyn TraceSink>) -> Result<(), PcError> {
+        if self.irqchip.is_none() {
+            return Err(PcError::TraceNeedsUserIrqchip);
+        }
+        self.machine.tracer.start(sink)?;
+        Ok(())
+    }
+
+    /// Ends the interrupt trace: completes and flushes its output.
+    pub fn finish_trace(&self) -> Result<(), PcError> {
+        self.machine.tracer.finish()?;
+        Ok(())
+    }
+
     /// Stops and joins the timer watcher.
     pub fn stop_host_threads(&self) {
         self.stop_threads.store(true, Ordering::SeqCst);
@@ -647,5 +727,411 @@ impl Pc {
 impl Drop for Pc {
     fn drop(&mut self) {
         self.stop_host_threads();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::cpu::{cr0, Segment};
+    use crate::machine::{ExitStats, RunOutcome};
+    use crate::testing::FakeVcpu;
+    use crate::trace::{LadderAction, LadderEvent, PicId, TraceBuffer};
+    use crate::vcpu::{Readiness, VcpuExit};
+
+    const IDT: u64 = 0x1000;
+
+    /// A one-vCPU `pc` machine on the virtual clock, tracing into memory.
+    fn traced_pc() -> (Pc, TraceBuffer) {
+        let pc = Pc::new(PcConfig {
+            mem_size: 4 << 20,
+            vcpus: 1,
+            clock: ClockKind::Virtual,
+            irqchip: IrqchipKind::User,
+            lost_ticks: LostTickPolicy::Discard,
+            serial_out: Box::new(std::io::sink()),
+        })
+        .unwrap();
+        let buf = pc.tracer().start_memory();
+        (pc, buf)
+    }
+
+    /// A vCPU in 32-bit protected mode, ready for interrupts, with an IDT
+    /// at `IDT` whose gate for `vector` enters 0008:`handler`.
+    fn vcpu_with_gate(pc: &Pc, vector: u8, handler: u32, exits: Vec<VcpuExit>) -> FakeVcpu {
+        let h = handler.to_le_bytes();
+        let gate = [h[0], h[1], 0x08, 0x00, 0x00, 0x8e, h[2], h[3]];
+        pc.machine
+            .mem
+            .write(IDT + u64::from(vector) * 8, &gate)
+            .unwrap();
+        let mut v = FakeVcpu::new(0);
+        v.readiness = Readiness {
+            if_flag: true,
+            interrupt: true,
+            nmi: true,
+        };
+        v.sregs.cr0 = cr0::PE;
+        v.sregs.cs = Segment::flat(8, 0xb, false);
+        v.sregs.idt.base = IDT;
+        v.sregs.idt.limit = 0x7ff;
+        v.regs.rip = 0x4000;
+        v.exits = exits.into();
+        v
+    }
+
+    /// Moves the clock past one PIT period (SeaBIOS's 18.2 Hz) and runs the
+    /// vCPU through its scripted exits.
+    fn one_tick(pc: &Pc, v: &mut FakeVcpu) {
+        pc.virtual_clock.as_ref().unwrap().advance(60_000_000);
+        let mut stats = ExitStats::default();
+        let out = pc.machine.run_vcpu(v, &mut stats).unwrap();
+        assert!(matches!(out, RunOutcome::TripleFault(_)), "script ran out");
+        assert_eq!(stats.injections, 1);
+    }
+
+    fn events(buf: &TraceBuffer) -> Vec<TraceEvent> {
+        buf.lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.event.clone())
+            .collect()
+    }
+
+    /// The position of the first event `f` accepts, after `from`.
+    fn find(evs: &[TraceEvent], from: usize, f: impl Fn(&TraceEvent) -> bool) -> usize {
+        evs.iter()
+            .skip(from)
+            .position(f)
+            .map(|p| p + from)
+            .unwrap_or_else(|| panic!("event not found after {from} in {evs:#?}"))
+    }
+
+    #[test]
+    fn pit_tick_through_the_pic_is_traced_from_irq0_to_the_eoi() {
+        let (pc, buf) = traced_pc();
+        // A non-specific EOI to the master (OCW2 0x20) from the handler.
+        let mut v = vcpu_with_gate(
+            &pc,
+            0x08,
+            0x5000,
+            vec![VcpuExit::IoOut {
+                port: 0x20,
+                size: 1,
+                count: 1,
+            }],
+        );
+        v.io = vec![0x20];
+        one_tick(&pc, &mut v);
+        let evs = events(&buf);
+        let raise = find(&evs, 0, |e| {
+            *e == TraceEvent::IrqLine {
+                source: Source::Pit,
+                line: 0,
+                level: true,
+            }
+        });
+        let irr = find(&evs, raise, |e| {
+            matches!(
+                e,
+                TraceEvent::PicIrr {
+                    chip: PicId::Master,
+                    irq: 0,
+                    set: true,
+                    ..
+                }
+            )
+        });
+        let int = find(&evs, irr, |e| *e == TraceEvent::PicInt { level: true });
+        let decide = find(&evs, int, |e| {
+            matches!(
+                e,
+                TraceEvent::LadderDecision {
+                    action: LadderAction::Inject,
+                    event: LadderEvent::Interrupt,
+                    ..
+                }
+            )
+        });
+        let inta = find(&evs, int, |e| {
+            *e == TraceEvent::PicInta {
+                irq: Some(0),
+                vector: 0x08,
+            }
+        });
+        let isr = find(&evs, inta, |e| {
+            matches!(
+                e,
+                TraceEvent::PicIsr {
+                    irq: 0,
+                    set: true,
+                    ..
+                }
+            )
+        });
+        let inject = find(&evs, isr, |e| {
+            matches!(
+                e,
+                TraceEvent::Inject {
+                    vector: 0x08,
+                    cs: 8,
+                    rip: 0x4000,
+                    ..
+                }
+            )
+        });
+        let deliver = find(&evs, inject, |e| {
+            *e == TraceEvent::Deliver {
+                cpu: 0,
+                vector: 0x08,
+                handler: Some((8, 0x5000)),
+            }
+        });
+        let exit = find(&evs, deliver, |e| matches!(e, TraceEvent::Exit { .. }));
+        let eoi = find(&evs, exit, |e| {
+            *e == TraceEvent::PicEoi {
+                chip: PicId::Master,
+                irq: 0,
+            }
+        });
+        assert!(decide < inject && eoi > exit);
+        // One flow from the raise to the handler, with the PIC's steps.
+        let recs = buf.lock().unwrap().clone();
+        let id = recs[raise].flow.as_ref().expect("flow starts").id;
+        for i in [irr, inta, inject, deliver] {
+            assert_eq!(recs[i].flow.as_ref().map(|f| f.id), Some(id), "{i}");
+        }
+        assert_eq!(
+            recs[deliver].flow.as_ref().and_then(|f| f.cause.clone()),
+            Some("PIT IRQ0 -> PIC master IR0 -> INTA 0x08".to_string())
+        );
+    }
+
+    #[test]
+    fn pit_tick_through_the_ioapic_and_lapic_is_traced_to_the_lapic_eoi() {
+        let (pc, buf) = traced_pc();
+        let chip = pc.irqchip.as_ref().unwrap();
+        // Mask IRQ 0 at the PIC; IOAPIC pin 2 -> vector 0x30, edge,
+        // physical APIC ID 0, unmasked.
+        pc.machine.pio.write(0x21, &[0xff]);
+        {
+            let mut io = chip.ioapic.lock().unwrap();
+            io.write_register(0x10 + 2 * 2 + 1, 0);
+            io.write_register(0x10 + 2 * 2, 0x30);
+        }
+        // EOI register write from the handler.
+        let mut v = vcpu_with_gate(
+            &pc,
+            0x30,
+            0x6000,
+            vec![VcpuExit::MmioWrite {
+                addr: 0xfee0_00b0,
+                len: 4,
+            }],
+        );
+        v.mmio = vec![0; 8];
+        buf.lock().unwrap().clear();
+        one_tick(&pc, &mut v);
+        let evs = events(&buf);
+        let raise = find(&evs, 0, |e| {
+            matches!(
+                e,
+                TraceEvent::IrqLine {
+                    source: Source::Pit,
+                    level: true,
+                    ..
+                }
+            )
+        });
+        let ioapic = find(&evs, raise, |e| {
+            matches!(
+                e,
+                TraceEvent::IoapicDeliver {
+                    pin: 2,
+                    vector: 0x30,
+                    dest: 0,
+                    ..
+                }
+            )
+        });
+        let accept = find(&evs, ioapic, |e| {
+            matches!(
+                e,
+                TraceEvent::LapicAccept {
+                    cpu: 0,
+                    vector: 0x30,
+                    ..
+                }
+            )
+        });
+        let ack = find(&evs, accept, |e| {
+            *e == TraceEvent::LapicAck {
+                cpu: 0,
+                vector: 0x30,
+                spurious: false,
+            }
+        });
+        let inject = find(&evs, ack, |e| {
+            matches!(e, TraceEvent::Inject { vector: 0x30, .. })
+        });
+        let deliver = find(&evs, inject, |e| {
+            *e == TraceEvent::Deliver {
+                cpu: 0,
+                vector: 0x30,
+                handler: Some((8, 0x6000)),
+            }
+        });
+        find(&evs, deliver, |e| {
+            *e == TraceEvent::Eoi {
+                cpu: 0,
+                vector: 0x30,
+                level: false,
+            }
+        });
+        assert!(
+            !evs.iter().any(|e| matches!(e, TraceEvent::PicInta { .. })),
+            "the masked PIC is not acknowledged"
+        );
+        let recs = buf.lock().unwrap().clone();
+        let cause = recs[deliver].flow.as_ref().and_then(|f| f.cause.clone());
+        assert_eq!(
+            cause.as_deref(),
+            Some("PIT IRQ0 -> IOAPIC pin 2 vector 0x30 -> LAPIC 0 IRR")
+        );
+    }
+
+    /// Arbitrary register writes to the traced controllers with the clock
+    /// moving and the ladder running: no panic, and the records stay in
+    /// sequence and time order.
+    #[test]
+    fn fuzz_traced_controllers() {
+        let (pc, buf) = traced_pc();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let ports = [0x20u64, 0x21, 0xa0, 0xa1, 0x40, 0x43, 0x4d0, 0x4d1, 0xf1];
+        let mut v = FakeVcpu::new(0);
+        let clock = pc.virtual_clock.clone().unwrap();
+        for _ in 0..20_000 {
+            let r = next();
+            let value = (r >> 8) as u8;
+            match r % 4 {
+                0 | 1 => {
+                    let port = ports[(r >> 16) as usize % ports.len()];
+                    pc.machine.pio.write(port, &[value]);
+                }
+                2 => {
+                    let off = if r & 0x100 != 0 { 0x10 } else { 0 };
+                    pc.machine
+                        .mmio
+                        .write(IOAPIC_BASE + off, &((r >> 32) as u32).to_le_bytes());
+                }
+                _ => {
+                    clock.advance(r % 2_000_000);
+                    pc.machine.timers.fire_due(clock.now_ns());
+                    v.readiness = Readiness {
+                        if_flag: r & 1 != 0,
+                        interrupt: r & 2 != 0,
+                        nmi: true,
+                    };
+                    crate::ladder::inject_events_traced(
+                        &mut v,
+                        &*pc.machine.interrupts,
+                        &pc.machine.tracer,
+                    )
+                    .unwrap();
+                    v.injected.clear();
+                }
+            }
+        }
+        let recs = buf.lock().unwrap();
+        assert!(!recs.is_empty());
+        for w in recs.windows(2) {
+            assert_eq!(w[1].seq, w[0].seq + 1);
+            assert!(w[1].ns >= w[0].ns);
+        }
+    }
+
+    /// Deterministic mode: each data exit moves the clock by one quantum
+    /// and is traced with the value written; a HLT jumps to the PIT's next
+    /// deadline (SeaBIOS's 18.2 Hz counter 0) and the tick is injected.
+    #[test]
+    fn deterministic_clock_moves_with_exits_and_jumps_in_hlt() {
+        let (pc, buf) = traced_pc();
+        let clock = pc.virtual_clock.clone().unwrap();
+        clock.set_progress(crate::clock::GuestProgress::EXITS);
+        let mut v = vcpu_with_gate(
+            &pc,
+            0x08,
+            0x5000,
+            vec![
+                VcpuExit::IoOut {
+                    port: 0x80,
+                    size: 1,
+                    count: 1,
+                },
+                VcpuExit::IoOut {
+                    port: 0x80,
+                    size: 1,
+                    count: 1,
+                },
+            ],
+        );
+        v.io = vec![0x5a];
+        let mut stats = ExitStats::default();
+        pc.machine.run_vcpu(&mut v, &mut stats).unwrap();
+        assert_eq!(clock.now_ns(), 2_000, "two exits, 1 µs each");
+        let writes: Vec<_> = events(&buf)
+            .into_iter()
+            .filter(|e| matches!(e, TraceEvent::PortWrite { .. }))
+            .collect();
+        assert_eq!(
+            writes,
+            vec![
+                TraceEvent::PortWrite {
+                    cpu: 0,
+                    port: 0x80,
+                    size: 1,
+                    value: 0x5a
+                };
+                2
+            ]
+        );
+        assert_eq!(stats.injections, 0);
+
+        v.exits = vec![VcpuExit::Hlt].into();
+        let mut stats = ExitStats::default();
+        pc.machine.run_vcpu(&mut v, &mut stats).unwrap();
+        // 65536 PIT clocks at 1.193182 MHz: 54.925 ms.
+        assert!(
+            (54_900_000..55_000_000).contains(&clock.now_ns()),
+            "{}",
+            clock.now_ns()
+        );
+        assert_eq!(stats.injections, 1, "the tick wakes the HLT");
+    }
+
+    #[test]
+    fn trace_is_refused_with_the_kernel_irqchip_and_off_by_default() {
+        let pc = Pc::new(PcConfig {
+            mem_size: 2 << 20,
+            vcpus: 1,
+            clock: ClockKind::Virtual,
+            irqchip: IrqchipKind::Kernel,
+            lost_ticks: LostTickPolicy::Discard,
+            serial_out: Box::new(std::io::sink()),
+        })
+        .unwrap();
+        assert!(!pc.tracer().enabled());
+        let (sink, _) = crate::trace::MemorySink::new(10);
+        assert!(matches!(
+            pc.start_trace(Box::new(sink)),
+            Err(PcError::TraceNeedsUserIrqchip)
+        ));
     }
 }

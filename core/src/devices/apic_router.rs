@@ -23,7 +23,7 @@
 //! held), PIC then LAPIC (the PIC drives INT with its lock held).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::bus::BusDevice;
 use crate::clock::SharedClock;
@@ -38,6 +38,7 @@ use crate::irq::IrqLine;
 use crate::ladder::InterruptSource;
 use crate::machine::MsrHandler;
 use crate::timer::TimerDevice;
+use crate::trace::{TraceEvent, Tracer};
 use crate::vcpu::Doorbell;
 
 /// Where EOIs of level-triggered vectors go (the IOAPICs' `eoi`).
@@ -59,6 +60,8 @@ pub struct ApicRouter {
     pic_ack: RwLock<Option<PicAck>>,
     /// Where the next lowest-priority tie-break starts.
     lowest_priority_next: AtomicUsize,
+    /// Records MSIs (the LAPICs record the rest).
+    tracer: OnceLock<Tracer>,
 }
 
 impl std::fmt::Debug for ApicRouter {
@@ -79,7 +82,16 @@ impl ApicRouter {
             eoi_sink: RwLock::new(None),
             pic_ack: RwLock::new(None),
             lowest_priority_next: AtomicUsize::new(0),
+            tracer: OnceLock::new(),
         }
+    }
+
+    /// Records what the LAPICs and the bus do in `tracer` (set once).
+    pub fn set_tracer(&self, tracer: Tracer) {
+        for l in &self.lapics {
+            lock(l).set_tracer(tracer.clone());
+        }
+        let _ = self.tracer.set(tracer);
     }
 
     /// `n` power-up LAPICs with APIC IDs 0..n, vCPU 0 the BSP.
@@ -228,6 +240,13 @@ impl ApicRouter {
     /// 0xFEExxxxx are ignored.
     pub fn msi(&self, address: u64, data: u32) {
         if let Some(msg) = decode_msi(address, data) {
+            if let Some(t) = self.tracer.get() {
+                t.emit(TraceEvent::Msi {
+                    address,
+                    data,
+                    vector: msg.vector,
+                });
+            }
             self.route(&msg, None, false);
         }
     }
@@ -425,6 +444,21 @@ impl InterruptSource for ApicRouter {
             .unwrap_or(false)
     }
 
+    fn take_init(&self, vcpu: u32) -> bool {
+        self.with_lapic(Self::index(vcpu), |l| l.take_init())
+            .unwrap_or(false)
+    }
+
+    fn wait_for_sipi(&self, vcpu: u32) -> bool {
+        self.with_lapic(Self::index(vcpu), |l| l.wait_for_sipi())
+            .unwrap_or(false)
+    }
+
+    fn take_sipi(&self, vcpu: u32) -> Option<u8> {
+        self.with_lapic(Self::index(vcpu), |l| l.take_sipi())
+            .flatten()
+    }
+
     fn ack_nmi(&self, vcpu: u32) {
         let _ = self.with_lapic(Self::index(vcpu), |l| l.take_nmi());
     }
@@ -434,6 +468,14 @@ impl InterruptSource for ApicRouter {
             l.has_interrupt() || l.extint_pending()
         })
         .unwrap_or(false)
+    }
+
+    fn held_by_priority(&self, vcpu: u32) -> Option<(u8, u8)> {
+        self.with_lapic(Self::index(vcpu), |l| {
+            let v = l.highest_irr()?;
+            (l.sw_enabled() && !l.has_interrupt()).then(|| (v, l.ppr()))
+        })
+        .flatten()
     }
 
     /// ExtINT first (the PIC's INTA, KVM's `kvm_cpu_get_interrupt` order),

@@ -66,6 +66,7 @@ use std::sync::{Arc, Mutex};
 use crate::clock::SharedClock;
 use crate::devices::apic_bus::{ApicMessage, DeliveryMode, DestMode, Shorthand, TriggerMode};
 use crate::timer::TimerDevice;
+use crate::trace::{Lvt, TraceEvent, Tracer};
 
 /// Reset value of the APIC base address.
 pub const APIC_DEFAULT_BASE: u64 = 0xFEE0_0000;
@@ -424,6 +425,7 @@ pub struct Lapic {
     phys_addr_bits: u8,
     s: LapicState,
     outputs: Vec<LapicOutput>,
+    tracer: Tracer,
 }
 
 impl std::fmt::Debug for Lapic {
@@ -459,7 +461,14 @@ impl Lapic {
             phys_addr_bits: 52,
             s: LapicState::power_up(apic_id, bsp),
             outputs: Vec::new(),
+            tracer: Tracer::off(),
         }
+    }
+
+    /// Records acceptances, local interrupts, INTA, EOIs and IPIs in
+    /// `tracer` (as vCPU `initial APIC ID`).
+    pub fn set_tracer(&mut self, tracer: Tracer) {
+        self.tracer = tracer;
     }
 
     /// MAXPHYADDR for the IA32_APIC_BASE reserved-bit check (default 52,
@@ -703,26 +712,62 @@ impl Lapic {
                 if !self.sw_enabled() {
                     return;
                 }
+                self.trace_accept(msg);
                 self.set_irr(msg.vector, msg.trigger == TriggerMode::Level);
             }
-            DeliveryMode::Nmi => self.s.nmi_pending = true,
-            DeliveryMode::Smi => self.s.smi_pending = true,
+            DeliveryMode::Nmi => {
+                self.trace_accept(msg);
+                self.s.nmi_pending = true
+            }
+            DeliveryMode::Smi => {
+                self.trace_accept(msg);
+                self.s.smi_pending = true
+            }
             DeliveryMode::Init => {
+                self.trace_accept(msg);
                 // INIT level de-assert only resynchronises arbitration IDs
                 // (SDM 11.6.1); there is nothing of that to model.
                 if msg.trigger != TriggerMode::Level || msg.level {
-                    self.s.init_pending = true;
+                    self.accept_init();
                 }
             }
             DeliveryMode::StartUp => {
                 // A SIPI outside wait-for-SIPI is ignored (SDM 9.4.4 / 11.6.1).
                 if self.s.wait_for_sipi {
+                    self.trace_accept(msg);
                     self.s.sipi_vector = Some(msg.vector);
                 }
             }
-            DeliveryMode::ExtInt => self.s.extint_pending = true,
+            DeliveryMode::ExtInt => {
+                self.trace_accept(msg);
+                self.s.extint_pending = true
+            }
             DeliveryMode::Reserved => {}
         }
+    }
+
+    fn trace_accept(&self, msg: &ApicMessage) {
+        self.tracer.emit_with(|| TraceEvent::LapicAccept {
+            cpu: self.initial_id,
+            vector: msg.vector,
+            mode: msg.delivery,
+            trigger: msg.trigger,
+        });
+    }
+
+    fn trace_lvt(&self, index: usize, vector: u8, mode: DeliveryMode) {
+        self.tracer.emit_with(|| TraceEvent::LapicLvt {
+            cpu: self.initial_id,
+            lvt: match index {
+                LVT_TIMER => Lvt::Timer,
+                LVT_LINT0 => Lvt::Lint0,
+                LVT_LINT1 => Lvt::Lint1,
+                LVT_ERROR => Lvt::Error,
+                _ => Lvt::Other,
+            },
+            vector,
+            mode,
+        });
     }
 
     /// Sets `vector` in the IRR; TMR records the trigger mode (SDM 11.8.4).
@@ -773,12 +818,15 @@ impl Lapic {
         } else {
             DeliveryMode::from_bits(lvt >> 8)
         };
+        if mode != DeliveryMode::ExtInt {
+            self.trace_lvt(index, vector, mode);
+        }
         match mode {
             // Level-triggered LINT0 goes through `eval_level_lint`.
             DeliveryMode::Fixed => self.set_irr(vector, false),
             DeliveryMode::Nmi => self.s.nmi_pending = true,
             DeliveryMode::Smi => self.s.smi_pending = true,
-            DeliveryMode::Init => self.s.init_pending = true,
+            DeliveryMode::Init => self.accept_init(),
             // ExtINT is taken from the pin level at acknowledge time.
             _ => {}
         }
@@ -803,6 +851,7 @@ impl Lapic {
                 return;
             }
             self.s.lvt[LVT_LINT0] |= LVT_REMOTE_IRR;
+            self.trace_lvt(LVT_LINT0, vector, DeliveryMode::Fixed);
             self.set_irr(vector, true);
         }
     }
@@ -854,6 +903,11 @@ impl Lapic {
         }
     }
 
+    /// The highest vector in the IRR, if any.
+    pub fn highest_irr(&self) -> Option<u8> {
+        vec_highest(&self.s.irr)
+    }
+
     /// INTA: moves the highest deliverable IRR vector into service and
     /// returns it. If nothing is deliverable any more (the TPR was raised
     /// since [`Lapic::has_interrupt`]), returns the spurious vector without
@@ -866,10 +920,21 @@ impl Lapic {
             if let Some(v) = vec_highest(&self.s.irr) {
                 vec_clear(&mut self.s.irr, v);
                 vec_set(&mut self.s.isr, v);
+                self.tracer.emit_with(|| TraceEvent::LapicAck {
+                    cpu: self.initial_id,
+                    vector: v,
+                    spurious: false,
+                });
                 return Some(v);
             }
         }
-        Some((self.s.svr & SVR_VECTOR) as u8)
+        let spurious = (self.s.svr & SVR_VECTOR) as u8;
+        self.tracer.emit_with(|| TraceEvent::LapicAck {
+            cpu: self.initial_id,
+            vector: spurious,
+            spurious: true,
+        });
+        Some(spurious)
     }
 
     pub fn nmi_pending(&self) -> bool {
@@ -917,19 +982,24 @@ impl Lapic {
         self.s.init_pending
     }
 
-    /// Takes a pending INIT and applies its effect on the APIC: the INIT
-    /// reset of the registers (SDM 11.4.7.3), and wait-for-SIPI on an AP
-    /// (a BSP restarts at the reset vector). The caller resets the
-    /// processor. True if an INIT was pending.
-    pub fn take_init(&mut self) -> bool {
-        if !self.s.init_pending {
-            return false;
-        }
+    /// An INIT arrives: the APIC's part takes effect at once, as on hardware
+    /// (the INIT reset of the registers, SDM 11.4.7.3, and wait-for-SIPI on
+    /// an AP; a BSP restarts at the reset vector), so a SIPI that follows
+    /// before the processor has run again is not lost. The processor's reset
+    /// waits in `init_pending` for the machine.
+    fn accept_init(&mut self) {
         self.init_reset();
+        self.s.init_pending = true;
         if !self.is_bsp() {
             self.s.wait_for_sipi = true;
         }
-        true
+    }
+
+    /// Takes a pending INIT for the processor (the APIC was reset when it
+    /// arrived). The caller resets the processor. True if an INIT was
+    /// pending.
+    pub fn take_init(&mut self) -> bool {
+        std::mem::take(&mut self.s.init_pending)
     }
 
     pub fn sipi_pending(&self) -> bool {
@@ -998,7 +1068,14 @@ impl Lapic {
             return;
         };
         vec_clear(&mut self.s.isr, v);
-        if vec_test(&self.s.tmr, v) && self.s.svr & SVR_SUPPRESS_EOI_BROADCAST == 0 {
+        let level = vec_test(&self.s.tmr, v);
+        self.tracer.emit_with(|| TraceEvent::Eoi {
+            cpu: self.initial_id,
+            vector: v,
+            level,
+        });
+        if level && self.s.svr & SVR_SUPPRESS_EOI_BROADCAST == 0 {
+            self.tracer.emit(TraceEvent::EoiBroadcast { vector: v });
             self.push_output(LapicOutput::Eoi(v));
         }
         let lvt0 = self.s.lvt[LVT_LINT0];
@@ -1053,6 +1130,13 @@ impl Lapic {
             },
             source: Some(self.apic_id()),
         };
+        self.tracer.emit_with(|| TraceEvent::Ipi {
+            from: self.initial_id,
+            vector,
+            dest: msg.dest,
+            mode: msg.delivery,
+            shorthand: msg.shorthand,
+        });
         self.push_output(LapicOutput::Ipi { msg, x2apic });
     }
 
@@ -1064,6 +1148,19 @@ impl Lapic {
             return;
         }
         if self.sw_enabled() {
+            self.tracer.emit_with(|| TraceEvent::Ipi {
+                from: self.initial_id,
+                vector,
+                dest: self.apic_id(),
+                mode: DeliveryMode::Fixed,
+                shorthand: Shorthand::SelfOnly,
+            });
+            self.tracer.emit_with(|| TraceEvent::LapicAccept {
+                cpu: self.initial_id,
+                vector,
+                mode: DeliveryMode::Fixed,
+                trigger: TriggerMode::Edge,
+            });
             self.set_irr(vector, false);
         }
     }
