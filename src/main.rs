@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Print exit counts when the run ends.
     #[arg(long)]
     pub stats: bool,
+    /// Stop the run after this many seconds of wall time and print where
+    /// each vCPU was (status 5).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
     /// Reproducible time: a virtual clock moved only by guest progress
     /// (instructions on the interpreter, exits on both, jumps while halted);
     /// no host thread and no stdin.

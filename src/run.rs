@@ -229,9 +229,14 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
         tandem_interp::InterpFallback::with_cpuid(std::sync::Arc::new(vm.cpuid_table().clone())),
     ));
     start_threads(pc, args)?;
+    start_timeout(pc, args.timeout);
 
     let (result, stats) = run_threads(pc, &mut vcpus);
     pc.stop_host_threads();
+    if matches!(result, Ok(RunOutcome::Stop(StopRequest::Timeout))) {
+        let mut refs: Vec<&mut dyn Vcpu> = vcpus.iter_mut().map(|v| v as &mut dyn Vcpu).collect();
+        report_timeout(pc, &mut refs);
+    }
     if args.stats {
         eprintln!("tandem: exits: {stats:?}");
     }
@@ -275,6 +280,7 @@ fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> 
             .context("cannot set the guest TSC")?;
     }
     start_threads(pc, args)?;
+    start_timeout(pc, args.timeout);
 
     let mut stats = ExitStats::default();
     let result = if let [vcpu] = vcpus.as_mut_slice() {
@@ -285,6 +291,10 @@ fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> 
         pc.machine.run_round_robin(&mut refs, &mut stats)
     };
     pc.stop_host_threads();
+    if matches!(result, Ok(RunOutcome::Stop(StopRequest::Timeout))) {
+        let mut refs: Vec<&mut dyn Vcpu> = vcpus.iter_mut().map(|v| v as &mut dyn Vcpu).collect();
+        report_timeout(pc, &mut refs);
+    }
     if args.stats {
         eprintln!("tandem: exits: {stats:?}");
         for v in &vcpus {
@@ -377,6 +387,40 @@ fn run_threads(
     (result, total)
 }
 
+/// `--timeout`: a watchdog thread that stops the machine after `secs` of
+/// wall time (a host-time limit even in deterministic mode: it only ends
+/// the run).
+fn start_timeout(pc: &Pc, secs: Option<f64>) {
+    let Some(secs) = secs.filter(|s| s.is_finite() && *s > 0.0) else {
+        return;
+    };
+    let machine = pc.machine.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        machine.control.request(StopRequest::Timeout);
+        for b in &machine.doorbells {
+            b.ring();
+        }
+    });
+}
+
+/// Where each vCPU was when `--timeout` stopped the run.
+fn report_timeout(pc: &Pc, vcpus: &mut [&mut dyn Vcpu]) {
+    for v in vcpus {
+        let ctx = GuestContext {
+            regs: v.get_regs().unwrap_or_default(),
+            sregs: v.get_sregs().unwrap_or_default(),
+        };
+        eprintln!(
+            "tandem: --timeout: vCPU {} at {} ({})\n{}",
+            v.id(),
+            ctx.cs_rip(),
+            describe_insn(pc, &ctx),
+            register_dump(&ctx)
+        );
+    }
+}
+
 /// The timer watcher and the stdin reader, except in deterministic mode,
 /// where no host thread may ring a vCPU.
 fn start_threads(pc: &Pc, args: &RunArgs) -> Result<()> {
@@ -451,6 +495,7 @@ fn report(pc: &Pc, outcome: &RunOutcome) -> i32 {
         RunOutcome::Stop(StopRequest::DebugExit(_)) => {}
         RunOutcome::Stop(StopRequest::Reset) => eprintln!("tandem: the guest reset the machine"),
         RunOutcome::Stop(StopRequest::Poweroff) => eprintln!("tandem: the guest powered off"),
+        RunOutcome::Stop(StopRequest::Timeout) => eprintln!("tandem: --timeout ran out"),
         RunOutcome::TripleFault(ctx) => eprintln!(
             "tandem: triple fault at {} ({})\n{}",
             ctx.cs_rip(),

@@ -498,8 +498,17 @@ impl InterpVcpu {
                 let a = self.read_op(i, 0, s)?;
                 let b = self.read_op(i, 1, s)?;
                 let r = a.wrapping_add(b) & mask(s);
-                self.write_op(i, 0, s, r)?;
-                self.write_op(i, 1, s, a)?;
+                if i.op0_kind() == OpKind::Register {
+                    // SDM: SRC := DEST, then DEST := TEMP; `xadd r, r` with
+                    // one register for both keeps the sum.
+                    self.write_op(i, 1, s, a)?;
+                    self.write_op(i, 0, s, r)?;
+                } else {
+                    // The memory write first: if it faults, no register
+                    // has changed.
+                    self.write_op(i, 0, s, r)?;
+                    self.write_op(i, 1, s, a)?;
+                }
                 self.set_arith(flags::add(a, b, 0, r, s));
                 Ok(())
             }
@@ -1214,6 +1223,11 @@ impl InterpVcpu {
         let cmask = if s == 8 { 0x3f } else { 0x1f };
         let count = (self.read_op(i, 1, 1)? & cmask) as u32;
         if count == 0 {
+            // A 32-bit register destination is still written
+            // (zero-extended), as on hardware (`tandem fuzz`).
+            if s == 4 && i.op0_kind() == OpKind::Register {
+                self.write_op(i, 0, s, a)?;
+            }
             return Ok(());
         }
         let msb = |v: u64| v & sign(s) != 0;
@@ -1332,12 +1346,23 @@ impl InterpVcpu {
         let cmask = if s == 8 { 0x3f } else { 0x1f };
         let count = (self.read_op(i, 2, 1)? & cmask) as u32;
         if count == 0 {
+            // The destination is still written: a 32-bit register is
+            // zero-extended as by every 32-bit operation in 64-bit mode
+            // (measured on hardware by `tandem fuzz`); flags unchanged.
+            if s == 4 && i.op0_kind() == OpKind::Register {
+                self.write_op(i, 0, s, a)?;
+            }
             return Ok(());
         }
         let (r, cf) = if m == Mnemonic::Shld {
             let wide = ((a as u128) << bits) | b as u128;
             let sh = wide << count;
-            (((sh >> bits) as u64) & mask(s), (sh >> (2 * bits)) & 1 != 0)
+            (
+                ((sh >> bits) as u64) & mask(s),
+                // The last bit out of the destination: bit 2 * bits - count
+                // of the double-width value (2 * bits itself is past a u128).
+                (wide >> (2 * bits - count)) & 1 != 0,
+            )
         } else {
             let wide = ((b as u128) << bits) | a as u128;
             (

@@ -23,8 +23,22 @@
 //! rounding, as Intel processors detect it, with one documented gap: a
 //! result that rounds up to the smallest normal only because of the
 //! denormal's lower precision is reported inexact but not UE (APFloat's
-//! rule). Square roots use the host's correctly rounded `sqrt` and an exact
-//! residual to round in the directed modes.
+//! rule). APFloat does not flag the overflow of a directed rounding that
+//! returns the largest finite value; it is found in binary128. Square roots
+//! use Rust's correctly rounded `sqrt` and an exact residual to round in
+//! the directed modes. RCPPS / RSQRTPS (whose exact values are each
+//! processor's own table) return the correctly rounded value with the low
+//! 11 fraction bits cleared. DPPS / DPPD add in the order processors are
+//! seen to (which NaN propagates). The arithmetic, conversions, compares,
+//! integer and string instructions were checked against this host's
+//! processor on random operands, MXCSR modes included (`tests_simd.rs`).
+//!
+//! Checks: SSE forms #UD with CR0.EM or without CR4.OSFXSR and #NM with
+//! CR0.TS; MMX forms #UD with CR0.EM, #NM with CR0.TS, #MF with an x87
+//! exception pending, and set TOP = 0 and all tags valid (EMMS empties);
+//! legacy 16-byte memory operands must be aligned (#GP(0)) except for
+//! MOVUPS / MOVUPD / MOVDQU / LDDQU / PCMPxSTRx; 16-byte stores probe both
+//! pages before writing; LOCK is #UD.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 use rustc_apfloat::ieee::{Double, Quad, Single};
@@ -75,8 +89,10 @@ pub(crate) fn rc_round(rc: u32) -> Round {
 /// Lane `k` of width `w` bytes.
 #[inline]
 fn lane(v: u128, w: usize, k: usize) -> u64 {
-    // Byte-wise rather than with a u128 shift and mask: rustc 1.95 was
-    // seen to miscompile the shift-and-mask form in release builds.
+    // Byte-wise rather than with a u128 shift and mask: the shift-and-mask
+    // form of `set_lane` gave wrong high lanes in release builds with
+    // rustc 1.95 (correct in debug; not reduced further, see the test
+    // `cvtsd2ss_keeps_the_high_lanes`).
     let b = v.to_le_bytes();
     let mut out = [0u8; 8];
     for (j, o) in out.iter_mut().enumerate().take(w.min(8)) {
@@ -911,6 +927,10 @@ impl InterpVcpu {
         }
         if !is_simd(m) {
             return None;
+        }
+        if i.has_lock_prefix() {
+            // LOCK with an SSE / MMX instruction is #UD (SDM vol. 2, 2.5).
+            return Some(Err(UD));
         }
         match m {
             // General-purpose instructions of the SSE families.

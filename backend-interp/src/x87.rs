@@ -21,11 +21,17 @@
 //! delivers #MF when CR0.NE is set. Unmasked overflow / underflow store the
 //! masked response instead of the SDM's bias-adjusted value (a gap).
 //! FNSTENV / FLDENV / FNSAVE / FRSTOR use the protected-mode layouts in
-//! every mode. FPREM with an exponent difference d of 64 or more reduces by
-//! 2^(d - N), N = 32 + d mod 32, per step (the SDM lets the processor
-//! choose N within [32, 63]). The transcendental instructions (FSIN, FCOS, FPTAN, FPATAN,
-//! F2XM1, FYL2X, FYL2XP1) compute in binary64 on the host and are not
-//! bit-exact.
+//! every mode (real-mode FNSTENV would store a 20-bit FIP), with FCS / FDS
+//! stored as zero and the reserved halves as ones. FIP is recorded for
+//! every non-control instruction, FOP and FDP only for one that raises an
+//! unmasked exception (FOP compatibility mode off, FDP_EXCPTN_ONLY).
+//! FPREM with an exponent difference d of 64 or more reduces by 2^(d - N),
+//! N = 32 + d mod 32, per step (the SDM lets the processor choose N within
+//! [32, 63]). The transcendental instructions (FSIN, FCOS, FSINCOS, FPTAN,
+//! FPATAN, F2XM1, FYL2X, FYL2XP1) compute in binary64 on the host and are
+//! not bit-exact; everything else here was checked against this host's
+//! x87 on random operands in every rounding and precision mode (see
+//! `tests_simd.rs`).
 
 use iced_x86::{Instruction, MemorySize, Mnemonic, OpKind, Register};
 use rustc_apfloat::ieee::{Double, Single, X87DoubleExtended as Ext};
@@ -643,6 +649,13 @@ fn is_x87(m: Mnemonic) -> bool {
             | Fsincos
             | Fbld
             | Fbstp
+            | Fneni
+            | Fndisi
+            | Fnsetpm
+            | Feni
+            | Fdisi
+            | Fsetpm
+            | Fstpnce
     )
 }
 
@@ -650,7 +663,10 @@ fn is_x87(m: Mnemonic) -> bool {
 /// (SDM vol. 1, 8.6: the non-waiting forms).
 fn no_wait(m: Mnemonic) -> bool {
     use Mnemonic::*;
-    matches!(m, Fninit | Fnclex | Fnstcw | Fnstsw | Fnstenv | Fnsave)
+    matches!(
+        m,
+        Fninit | Fnclex | Fnstcw | Fnstsw | Fnstenv | Fnsave | Fneni | Fndisi | Fnsetpm
+    )
 }
 
 /// Control instructions leave FIP / FDP / FOP alone (SDM vol. 1, 8.1.8).
@@ -673,6 +689,12 @@ fn control(m: Mnemonic) -> bool {
             | Fnsave
             | Fsave
             | Frstor
+            | Fneni
+            | Fndisi
+            | Fnsetpm
+            | Feni
+            | Fdisi
+            | Fsetpm
     )
 }
 
@@ -878,10 +900,18 @@ impl InterpVcpu {
         if !is_x87(m) {
             return None;
         }
+        if i.has_lock_prefix() {
+            return Some(Err(UD));
+        }
         let before = self.fsw();
         let r = self.x87(i, m);
-        if r.is_ok() && !control(m) {
-            self.x_pointers(i, before);
+        if r.is_ok() {
+            if !control(m) {
+                self.x_pointers(i, before);
+            }
+            // XINUSE[0] may be set for a component in its initial state
+            // (SDM vol. 1, 13.6); KVM loads x87 state only when it is.
+            self.xinuse(0);
         }
         Some(r)
     }
@@ -952,7 +982,10 @@ impl InterpVcpu {
                 self.x87(i, Fninit)
             }
             Frstor => self.load_env(i, true),
-            Fnop => Ok(()),
+            // The 8087 / 287 controls are FNOPs from the 387 on.
+            Fnop | Fneni | Fndisi | Fnsetpm | Feni | Fdisi | Fsetpm => Ok(()),
+            // D9 D8+i: FSTP ST(i) (an alias encoding).
+            Fstpnce => self.x_store(i, Fstp, &mut x),
             Fincstp | Fdecstp => {
                 let t = self.top();
                 let nt = if m == Fincstp { t + 1 } else { t + 7 } & 7;
@@ -990,7 +1023,17 @@ impl InterpVcpu {
                         None => INDEFINITE,
                     }
                 } else if m == Fbld {
-                    return Err(UD);
+                    // 18 packed BCD digits, the sign in bit 79 (SDM vol. 1,
+                    // 4.7); invalid digits give an undefined value (here:
+                    // their binary weight).
+                    let raw = self.mem_read_v(i.memory_segment(), self.ea(i), 10)?;
+                    let mut n: u64 = 0;
+                    for k in (0..18).rev() {
+                        let digit = ((raw >> (4 * k)) & 0xf) as u64;
+                        n = n.wrapping_mul(10).wrapping_add(digit);
+                    }
+                    let mag = Ext::from_u128(u128::from(n)).value.to_bits() & MASK80;
+                    mag | (((raw >> 79) & 1) << 79)
                 } else {
                     self.x_load(i, &mut x)?
                 };
@@ -1376,10 +1419,10 @@ impl InterpVcpu {
     fn x_store(&mut self, i: &Instruction, m: Mnemonic, x: &mut Xc) -> R<()> {
         use Mnemonic::*;
         let pop = matches!(m, Fstp | Fistp | Fisttp | Fbstp);
-        if m == Fbstp {
-            return Err(UD);
-        }
         let v = self.st_read(x, 0);
+        if m == Fbstp {
+            return self.x_fbstp(i, v, x);
+        }
         if i.op_kind(0) == OpKind::Register {
             let n = i.op_register(0).number();
             let v = match v {
@@ -1441,6 +1484,62 @@ impl InterpVcpu {
         if pop {
             self.fpop();
         }
+        Ok(())
+    }
+
+    /// FBSTP: ST(0) rounded by FCW.RC to 18 packed BCD digits; NaN,
+    /// infinity or a magnitude of 10^18 or more is IE with the packed BCD
+    /// indefinite (SDM vol. 2, FBSTP).
+    fn x_fbstp(&mut self, i: &Instruction, v: Option<F80>, x: &mut Xc) -> R<()> {
+        const BCD_INDEFINITE: u128 = 0xffff_c000_0000_0000_0000;
+        let raw = match v {
+            None => {
+                if !self.stack_fault(x, false) {
+                    self.x_flags(x);
+                    return Ok(());
+                }
+                BCD_INDEFINITE
+            }
+            Some(v) => {
+                let c = class(v);
+                let (neg, _, _) = parts(v);
+                let mut exact = false;
+                let r = Ext::from_bits(v).to_i128_r(64, x.rnd(), &mut exact);
+                let mag = r.value.unsigned_abs();
+                if matches!(
+                    c,
+                    Class::QNaN | Class::SNaN | Class::Inf | Class::Unsupported
+                ) || r.status.contains(Status::INVALID_OP)
+                    || mag >= 1_000_000_000_000_000_000
+                {
+                    x.flags |= fs::IE;
+                    BCD_INDEFINITE
+                } else {
+                    if !exact {
+                        x.flags |= fs::PE;
+                        let mut e2 = false;
+                        let t = Ext::from_bits(v).to_i128_r(64, Round::TowardZero, &mut e2);
+                        if mag > t.value.unsigned_abs() {
+                            x.flags |= fs::C1;
+                        }
+                    }
+                    let mut out = u128::from(neg) << 79;
+                    let mut n = mag;
+                    for k in 0..18 {
+                        out |= (n % 10) << (4 * k);
+                        n /= 10;
+                    }
+                    out
+                }
+            }
+        };
+        if x.flags & !x.fcw & (fs::IE | fs::DE) != 0 {
+            self.x_flags(x);
+            return Ok(());
+        }
+        self.mem_write_v(i.memory_segment(), self.ea(i), 10, raw)?;
+        self.x_flags(x);
+        self.fpop();
         Ok(())
     }
 
@@ -1567,8 +1666,9 @@ impl InterpVcpu {
             u64::from(self.fsw()),
             u64::from(self.full_tag()),
         );
-        let cs = u64::from(self.sregs.cs.selector);
-        let ds = u64::from(self.sregs.ds.selector);
+        // FCS and FDS are deprecated and stored as zero, as processors with
+        // CPUID.(7,0):EBX[13] do (SDM vol. 1, 8.1.8).
+        let (cs, ds) = (0u64, 0u64);
         if self.env_size(i) == 14 {
             let words = [fcw, fsw, ftw, fip & 0xffff, cs, fdp & 0xffff, ds];
             let a = self.linear(seg, ea)?;

@@ -25,8 +25,10 @@ const GP0: Stop = Stop::Exc(13, Some(0));
 const HEADER: usize = 512;
 /// Offset and size of the MXCSR and MXCSR_MASK pair.
 const MXCSR: usize = 24;
-/// MXCSR_MASK when the image leaves it 0 (SDM vol. 1, 11.6.6: DAZ clear).
-const DEFAULT_MXCSR_MASK: u32 = 0xffbf;
+/// MXCSR_MASK when the image leaves it 0: every MXCSR bit, DAZ included
+/// (`sse.rs` implements DAZ), as current processors report (SDM vol. 1,
+/// 11.6.6).
+const DEFAULT_MXCSR_MASK: u32 = 0xffff;
 
 /// Standard-form components beyond x87 and SSE: (bit, offset, size), as
 /// CPUID leaf 0xD reports them on Intel processors: AVX, the MPX pair,
@@ -121,10 +123,14 @@ impl InterpVcpu {
         }
     }
 
-    /// Makes the buffer the full 4 KiB standard area.
+    /// Makes the buffer the full 4 KiB standard area, with the MXCSR_MASK
+    /// the processor has (FXSAVE and XSAVE store it).
     fn fpu_area(&mut self) {
         if self.fpu.xsave.len() < 4096 {
             self.fpu.xsave.resize(4096, 0);
+        }
+        if self.fpu.xsave[28..32] == [0; 4] {
+            self.fpu.xsave[28..32].copy_from_slice(&DEFAULT_MXCSR_MASK.to_le_bytes());
         }
     }
 

@@ -14,6 +14,8 @@ pub enum StopRequest {
     Reset,
     /// ACPI or APM poweroff.
     Poweroff,
+    /// The VMM's wall-clock limit (`tandem run --timeout`) ran out.
+    Timeout,
 }
 
 impl StopRequest {
@@ -22,6 +24,7 @@ impl StopRequest {
         match self {
             StopRequest::DebugExit(v) => ((v << 1) | 1) as i32,
             StopRequest::Reset | StopRequest::Poweroff => 0,
+            StopRequest::Timeout => 5,
         }
     }
 }

@@ -56,9 +56,10 @@ pub mod model {
         | (1 << 26);
     /// Leaf 1 EDX HTT: set when there is more than one vCPU.
     pub const LEAF1_EDX_HTT: u32 = 1 << 28;
-    /// Leaf 1 ECX: SSE3, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC, POPCNT,
-    /// TSC-deadline, XSAVE, (OSXSAVE, dynamic), hypervisor present.
+    /// Leaf 1 ECX: SSE3, PCLMULQDQ, SSSE3, CX16, SSE4.1, SSE4.2, x2APIC,
+    /// POPCNT, TSC-deadline, XSAVE, (OSXSAVE, dynamic), hypervisor present.
     pub const LEAF1_ECX: u32 = (1 << 0)
+        | (1 << 1)
         | (1 << 9)
         | (1 << 13)
         | (1 << 19)
@@ -74,7 +75,9 @@ pub mod model {
     pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
     /// Leaf 7.0 EBX: ERMS (a performance hint; REP MOVSB/STOSB behave the
     /// same either way).
-    pub const LEAF7_EBX: u32 = 1 << 9;
+    /// Also FDP_EXCPTN_ONLY (6) and FCS/FDS deprecated (13), which describe
+    /// the x87 pointer behaviour the interpreter has.
+    pub const LEAF7_EBX: u32 = (1 << 6) | (1 << 9) | (1 << 13);
     pub const LEAF7_ECX: u32 = 0;
     pub const LEAF7_EDX: u32 = 0;
     /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode, PREFETCHW.
