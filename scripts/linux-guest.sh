@@ -6,7 +6,8 @@
 #
 #   scripts/linux-guest.sh [OUTDIR]        (default: target/linux-guest)
 #
-# Produces OUTDIR/vmlinuz-cloud, OUTDIR/vmlinuz-generic and
+# Produces OUTDIR/vmlinuz-cloud, OUTDIR/vmlinuz-generic, OUTDIR/vmlinux-cloud
+# (the uncompressed ELF, booted through its PVH entry) and
 # OUTDIR/initramfs.cpio.gz. Packages come from the machine's apt sources with
 # `apt-get download` (no root needed); nothing is installed. Runs again only
 # what is missing.
@@ -39,6 +40,35 @@ fetch_kernel() { # meta-package, output name
 
 fetch_kernel linux-image-cloud-amd64 vmlinuz-cloud
 fetch_kernel linux-image-amd64 vmlinuz-generic
+
+# The uncompressed kernel inside a bzImage (Debian's are LZ4-compressed):
+# an ELF vmlinux with a PVH entry note, which boots without running the
+# decompressor (minutes of emulated ring-0 code on a software KVM).
+extract_vmlinux() { # bzImage, output name
+    [ -s "$OUT/$2" ] && return 0
+    python3 - "$OUT/$1" "$WORK/$2.payload" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+setup = (d[0x1F1] or 4) + 1
+off, length = struct.unpack_from("<II", d, 0x248)
+start = setup * 512 + off
+open(sys.argv[2], "wb").write(d[start:start + length])
+PY
+    magic=$(od -An -tx1 -N4 "$WORK/$2.payload" | tr -d ' ')
+    case "$magic" in
+    02214c18) lz4 -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
+    fd377a58) xz -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
+    28b52ffd) zstd -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
+    *) echo "linux-guest.sh: $1: unknown payload compression ($magic)" >&2; exit 1 ;;
+    esac
+    if [ "$(od -An -c -N4 "$OUT/$2" | tr -d ' ')" != "177ELF" ]; then
+        echo "linux-guest.sh: cannot decompress $1 (needs lz4, xz or zstd)" >&2
+        rm -f "$OUT/$2"
+        exit 1
+    fi
+    echo "linux-guest.sh: $OUT/$2 (the ELF inside $1)"
+}
+extract_vmlinux vmlinuz-cloud vmlinux-cloud
 
 if [ ! -s "$OUT/initramfs.cpio.gz" ]; then
     (cd "$WORK" && apt-get download busybox-static 2>&1 | grep -v "unsandboxed" || true)
