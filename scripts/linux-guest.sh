@@ -59,12 +59,13 @@ PY
     02214c18) lz4 -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
     fd377a58) xz -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
     28b52ffd) zstd -dc "$WORK/$2.payload" >"$OUT/$2" 2>/dev/null || true ;;
-    *) echo "linux-guest.sh: $1: unknown payload compression ($magic)" >&2; exit 1 ;;
+    *) echo "linux-guest.sh: $1: unknown payload compression ($magic); no $2" >&2; return 0 ;;
     esac
     if [ "$(od -An -c -N4 "$OUT/$2" | tr -d ' ')" != "177ELF" ]; then
-        echo "linux-guest.sh: cannot decompress $1 (needs lz4, xz or zstd)" >&2
+        # Optional: the tests boot the bzImage; the vmlinux is for PVH runs.
+        echo "linux-guest.sh: cannot decompress $1 (needs lz4, xz or zstd); no $2" >&2
         rm -f "$OUT/$2"
-        exit 1
+        return 0
     fi
     echo "linux-guest.sh: $OUT/$2 (the ELF inside $1)"
 }

@@ -958,6 +958,107 @@ fn disassemble_around(pc: &Pc, sregs: &Sregs, rip: u64, n: usize) -> Vec<String>
         .collect()
 }
 
+// ----- lockstep -----------------------------------------------------------------
+
+/// `tandem diff --lockstep`: the guest on KVM (the reference) and on the
+/// interpreter, one instruction at a time, the architectural state compared
+/// after each (`crate::fuzz::lockstep`). Status 0 identical (masked rules
+/// listed), 1 diverged, 2 error.
+pub fn lockstep(args: &DiffArgs) -> i32 {
+    match lockstep_run(args) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("tandem diff --lockstep: {e:#}");
+            2
+        }
+    }
+}
+
+fn lockstep_run(args: &DiffArgs) -> Result<i32> {
+    use crate::fuzz::lockstep::{interp_side, kvm_side, masked_text, Finish, Lockstep};
+    if !kvm_opens() {
+        bail!("/dev/kvm does not open: the lockstep's reference is KVM");
+    }
+    let (pa, serial_a, state) = build(args, &args.append, IrqchipKind::User)?;
+    let (pb, serial_b, _) = build(args, &args.append, IrqchipKind::User)?;
+    // 1 ns an instruction and 1 us an exit, as `tandem run --deterministic`.
+    let kvm = kvm_side("kvm", pa, &state, 1, 1_000)?;
+    let interp = interp_side("interp", pb, &state, false, 1, 1_000)?;
+    let mut ls = Lockstep::new(kvm, interp);
+    // The guest reads KVM's TSC (rule `tsc` gives the interpreter the same
+    // values): both LAPICs compare TSC deadlines against it.
+    if let crate::fuzz::lockstep::Cpu::Kvm { vcpu, .. } = &mut ls.reference.cpu {
+        if let Some(khz) = vcpu.tsc_khz() {
+            let tsc = vcpu
+                .get_msrs(&[tandem_core::cpu::msr::IA32_TSC])?
+                .first()
+                .map(|m| m.value)
+                .unwrap_or(0);
+            for pc in [&ls.reference.pc, &ls.subject.pc] {
+                if let Some(chip) = &pc.irqchip {
+                    chip.router.set_tsc(khz, tsc);
+                }
+            }
+        }
+    }
+    ls.compare_at_end = vec![(0, args.mem.min(pc_ram_below_4g(&ls.reference.pc)))];
+    ls.deadline = Some(Instant::now() + args.timeout);
+    let start = Instant::now();
+    let finish = ls.run(args.max_steps.unwrap_or(u64::MAX), None)?;
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    let guest = args.guest.display();
+    let rate = ls.steps as f64 / secs;
+    let serial = |b: &SharedBuf| b.text();
+    Ok(match finish {
+        Finish::Diverged(d) => {
+            println!(
+                "tandem diff --lockstep {guest}: the processors diverge at instruction {}",
+                d.step
+            );
+            print!("{}", d.report(&ls.reference.name, &ls.subject.name));
+            1
+        }
+        Finish::Identical { steps, end } => {
+            let (sa, sb) = (serial(&serial_a), serial(&serial_b));
+            if sa != sb {
+                println!(
+                    "tandem diff --lockstep {guest}: the serial output differs after {steps} \
+                     identical steps\n  kvm   : {sa:?}\n  interp: {sb:?}"
+                );
+                return Ok(1);
+            }
+            println!(
+                "tandem diff --lockstep {guest}: identical: {steps} instructions and events, {} \
+                 events delivered, ended: {end}; masked: {}; kvm fallbacks {}; {rate:.0} \
+                 instructions/s",
+                ls.deliveries,
+                masked_text(&ls.masked),
+                ls.reference.fallbacks,
+            );
+            0
+        }
+        Finish::Stopped { steps } => {
+            println!(
+                "tandem diff --lockstep {guest}: identical for {steps} steps (--max-steps), {} \
+                 events delivered; masked: {}; {rate:.0} instructions/s",
+                ls.deliveries,
+                masked_text(&ls.masked)
+            );
+            0
+        }
+    })
+}
+
+/// RAM compared at the end of a lockstep: the first region's size.
+fn pc_ram_below_4g(pc: &Pc) -> u64 {
+    pc.machine
+        .mem
+        .regions()
+        .first()
+        .map(|r| r.end())
+        .unwrap_or(0)
+}
+
 // ----- the device cross-check -------------------------------------------------
 
 /// Registers where KVM's in-kernel devices are known to differ from

@@ -2,6 +2,7 @@
 
 mod debug;
 mod diff;
+mod fuzz;
 mod run;
 mod size;
 
@@ -118,13 +119,17 @@ enum Command {
     Run(RunArgs),
     /// Run a guest on both processors and report the first divergence.
     Diff {
-        guest: PathBuf,
+        /// The guest (not with --replay).
+        guest: Option<PathBuf>,
+        /// Step both processors one instruction at a time and compare the
+        /// architectural state after each.
         #[arg(long)]
         lockstep: bool,
         /// Turns of the run loop (about one exit each) per processor at most.
         #[arg(long)]
         max_steps: Option<u64>,
-        #[arg(long)]
+        /// Run a case `tandem fuzz` saved, in lockstep.
+        #[arg(long, value_name = "FILE")]
         replay: Option<PathBuf>,
         /// The multiboot command line.
         #[arg(long, default_value = "")]
@@ -149,12 +154,31 @@ enum Command {
     },
     /// Fuzz random instruction streams on both processors.
     Fuzz {
+        /// The campaign's seed (every case follows from it and its index).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Cases to generate, before sharding.
+        #[arg(long, default_value_t = 1000)]
+        iterations: u64,
+        /// Run only shard I of N (cases whose index is I modulo N).
+        #[arg(long, value_name = "I/N", default_value = "0/1")]
+        shard: String,
+        /// Instructions per case.
+        #[arg(long, default_value_t = 64)]
+        len: usize,
+        /// Modes to fuzz (comma-separated: real16, prot32, long64-ring0,
+        /// long64-ring3).
+        #[arg(long, default_value = "real16,prot32,long64-ring0,long64-ring3")]
+        modes: String,
+        /// Directory for divergent cases.
+        #[arg(long, default_value = "fuzz-cases")]
+        out: PathBuf,
+        /// Stop after this many divergences.
+        #[arg(long, default_value_t = 10)]
+        max_divergences: usize,
+        /// No progress bar.
         #[arg(long)]
-        seed: Option<u64>,
-        #[arg(long)]
-        iterations: Option<u64>,
-        #[arg(long)]
-        shard: Option<String>,
+        quiet: bool,
     },
     /// Debug a guest step by step.
     Debug {
@@ -204,10 +228,13 @@ fn main() -> ExitCode {
             strict,
         } => {
             // Errors of `tandem diff` are status 2 (1 means "diverged").
-            if lockstep || replay.is_some() {
-                eprintln!("tandem diff: --lockstep and --replay are not built yet");
-                return ExitCode::from(2);
+            if let Some(file) = replay {
+                return ExitCode::from(fuzz::replay(&file).clamp(0, 255) as u8);
             }
+            let Some(guest) = guest else {
+                eprintln!("tandem diff: a GUEST (or --replay FILE) is needed");
+                return ExitCode::from(2);
+            };
             let mem = match size::parse_size(&mem) {
                 Ok(m) => m,
                 Err(e) => {
@@ -215,7 +242,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            Ok(diff::diff(&diff::DiffArgs {
+            let args = diff::DiffArgs {
                 guest,
                 append,
                 mem,
@@ -224,9 +251,44 @@ fn main() -> ExitCode {
                 context,
                 devices,
                 strict,
-            }))
+            };
+            Ok(if lockstep {
+                diff::lockstep(&args)
+            } else {
+                diff::diff(&args)
+            })
         }
-        Command::Fuzz { .. } => Err(anyhow::anyhow!("`tandem fuzz` is not built yet")),
+        Command::Fuzz {
+            seed,
+            iterations,
+            shard,
+            len,
+            modes,
+            out,
+            max_divergences,
+            quiet,
+        } => fuzz::parse_shard(&shard).and_then(|shard| {
+            let modes = modes
+                .split(',')
+                .map(|m| {
+                    fuzz::Mode::parse(m.trim())
+                        .ok_or_else(|| anyhow::anyhow!("unknown mode {m:?} in --modes"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if modes.is_empty() || len == 0 {
+                anyhow::bail!("--modes and --len need at least one");
+            }
+            Ok(fuzz::fuzz(&fuzz::FuzzArgs {
+                seed,
+                iterations,
+                shard,
+                len,
+                modes,
+                out_dir: out,
+                max_divergences: max_divergences.max(1),
+                progress: !quiet,
+            }))
+        }),
         Command::Debug {
             guest,
             backend,

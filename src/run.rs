@@ -133,6 +133,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 })
                 .into_iter()
                 .collect();
+            // The real-mode IVT and its stubs, as a BIOS leaves them
+            // (written first: the loader's own structures take precedence).
+            tandem_firmware::bios::write_bios_ivt(mem)
+                .context("cannot write the real-mode interrupt vector table")?;
             let boot = load_multiboot(mem, &image, &args.append, &modules)
                 .with_context(|| format!("cannot load {}", guest.display()))?;
             multiboot_entry_state(&boot)

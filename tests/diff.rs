@@ -259,7 +259,78 @@ fn diff_errors_are_status_2() {
     let r = run_tandem(TANDEM, &["diff", "/nonexistent/guest.elf"]);
     assert_eq!(r.status, 2, "{r:?}");
     assert!(r.stderr.starts_with("tandem diff: "), "{}", r.stderr);
-    let g = guest("hello");
-    let r = run_tandem(TANDEM, &["diff", g.to_str().expect("utf-8"), "--lockstep"]);
+    // Neither a guest nor --replay; a replay file that is not there.
+    let r = run_tandem(TANDEM, &["diff"]);
     assert_eq!(r.status, 2, "{r:?}");
+    let r = run_tandem(TANDEM, &["diff", "--replay", "/nonexistent/case"]);
+    assert_eq!(r.status, 2, "{r:?}");
+    assert!(r.stderr.starts_with("tandem diff: "), "{}", r.stderr);
+}
+
+// ----- --lockstep ----------------------------------------------------------
+
+/// `tandem diff --lockstep` on guest `name`: identical instruction by
+/// instruction (masked rules listed, never a divergence).
+fn lockstep_identical(name: &str, extra: &[&str]) {
+    if !kvm_or_skip(&format!("diff --lockstep {name}")) {
+        return;
+    }
+    let r = diff(name, &[&["--lockstep", "--timeout", "900"], extra].concat());
+    assert_eq!(r.status, 0, "{name}: {}\n{}", r.stdout, r.stderr);
+    let first = r.stdout.lines().next().unwrap_or("");
+    assert!(first.contains(": identical: "), "{name}: {}", r.stdout);
+    assert!(first.contains("ended: DebugExit("), "{name}: {first}");
+}
+
+#[test]
+fn lockstep_hello() {
+    lockstep_identical("hello", &[]);
+}
+#[test]
+fn lockstep_exceptions() {
+    lockstep_identical("exceptions", &[]);
+}
+#[test]
+fn lockstep_pic_pit() {
+    lockstep_identical("pic_pit", &[]);
+}
+#[test]
+fn lockstep_pit_modes() {
+    lockstep_identical("pit_modes", &[]);
+}
+#[test]
+fn lockstep_lapic_timer() {
+    lockstep_identical("lapic_timer", &[]);
+}
+#[test]
+fn lockstep_lapic_priority() {
+    lockstep_identical("lapic_priority", &[]);
+}
+#[test]
+fn lockstep_lapic_cpu() {
+    lockstep_identical("lapic_cpu", &[]);
+}
+#[test]
+fn lockstep_nmi() {
+    lockstep_identical("nmi", &[]);
+}
+#[test]
+fn lockstep_ioapic() {
+    lockstep_identical("ioapic", &[]);
+}
+#[test]
+fn lockstep_extint() {
+    lockstep_identical("extint", &[]);
+}
+#[test]
+fn lockstep_shadows() {
+    lockstep_identical("shadows", &[]);
+}
+#[test]
+fn lockstep_shadows_movss_mmio() {
+    lockstep_identical("shadows", &["--append", "movss-mmio"]);
+}
+#[test]
+fn lockstep_hlt_wake() {
+    lockstep_identical("hlt_wake", &[]);
 }

@@ -522,8 +522,12 @@ impl InterpVcpu {
                     let src = self.read_op(i, 1, s)?;
                     self.write_op(i, 0, s, src)?;
                 } else {
-                    // The destination is written back even when unequal.
-                    self.write_op(i, 0, s, dest)?;
+                    // A memory destination is written back even when
+                    // unequal; a register one is left alone (its upper half
+                    // survives a 32-bit CMPXCHG: hardware, by `tandem fuzz`).
+                    if i.op0_kind() == OpKind::Memory {
+                        self.write_op(i, 0, s, dest)?;
+                    }
                     let reg = match s {
                         1 => Register::AL,
                         2 => Register::AX,
@@ -686,15 +690,24 @@ impl InterpVcpu {
             | Mnemonic::Jrcxz
             | Mnemonic::Jecxz
             | Mnemonic::Jcxz => {
-                // The counter follows the address size, which the Code's name
-                // carries (LOOP is rare: formatting it costs nothing that matters).
-                let name = format!("{:?}", i.code());
-                let creg = if name.ends_with("RCX") {
-                    Register::RCX
-                } else if name.ends_with("ECX") {
-                    Register::ECX
-                } else {
-                    Register::CX
+                // The counter follows the address size: JCXZ / JECXZ / JRCXZ
+                // name it (their Code's suffix is the operand size), LOOPcc's
+                // Code name ends with it (LOOP is rare: formatting it costs
+                // nothing that matters).
+                let creg = match m {
+                    Mnemonic::Jrcxz => Register::RCX,
+                    Mnemonic::Jecxz => Register::ECX,
+                    Mnemonic::Jcxz => Register::CX,
+                    _ => {
+                        let name = format!("{:?}", i.code());
+                        if name.ends_with("RCX") {
+                            Register::RCX
+                        } else if name.ends_with("ECX") {
+                            Register::ECX
+                        } else {
+                            Register::CX
+                        }
+                    }
                 };
                 let taken = if matches!(m, Mnemonic::Jrcxz | Mnemonic::Jecxz | Mnemonic::Jcxz) {
                     self.reg_read(creg) == 0
@@ -1042,6 +1055,20 @@ impl InterpVcpu {
             Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.exec_xsavec(i, false),
             Mnemonic::Xsaves | Mnemonic::Xsaves64 => self.exec_xsavec(i, true),
             Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(UD),
+            Mnemonic::Vmcall => {
+                // KVM's hypercall ABI (Documentation/virt/kvm/x86/hypercalls.rst):
+                // no hypercall is implemented, so RAX = -KVM_ENOSYS (-1000) at
+                // CPL 0 and -KVM_EPERM (-1) above it; outside 64-bit mode
+                // the result is truncated to 32 bits. VMMCALL (AMD) stays #UD
+                // on this Intel-vendor processor.
+                let ret: i64 = if self.cpl() == 0 { -1000 } else { -1 };
+                self.gpr[0] = if self.bitness == 64 {
+                    ret as u64
+                } else {
+                    u64::from(ret as u32)
+                };
+                Ok(())
+            }
             // Real-mode / legacy protected-mode instructions (legacy.rs).
             Mnemonic::Pusha
             | Mnemonic::Pushad
@@ -1109,6 +1136,7 @@ impl InterpVcpu {
             }
             if r.is_dr() {
                 self.need_cpl0()?;
+                let r = self.dr_alias(r)?;
                 let v = self.reg_read(i.op_register(1));
                 match r {
                     Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
@@ -1143,6 +1171,7 @@ impl InterpVcpu {
             }
             if r.is_dr() {
                 self.need_cpl0()?;
+                let r = self.dr_alias(r)?;
                 let v = match r {
                     Register::DR0 | Register::DR1 | Register::DR2 | Register::DR3 => {
                         self.dr.db[r as usize - Register::DR0 as usize]
@@ -1181,7 +1210,7 @@ impl InterpVcpu {
             }
             Mnemonic::Adc => {
                 let r = a.wrapping_add(b).wrapping_add(c) & mask(s);
-                (r, flags::add(a, b, c, r, s))
+                (r, flags::add(a, b, c, r, s) ^ flags::planted_adc_cf())
             }
             Mnemonic::Sub | Mnemonic::Cmp => {
                 let r = a.wrapping_sub(b) & mask(s);
@@ -1544,6 +1573,10 @@ impl InterpVcpu {
             }
             let hi = self.system_read(la.wrapping_add(8), 8)?;
             s.base |= (hi & 0xffff_ffff) << 32;
+            // SDM vol. 2, LTR: a non-canonical 64-bit base is #GP(selector).
+            if !canonical(s.base) {
+                return Err(Stop::Exc(13, err));
+            }
         }
         // Mark the descriptor busy (SDM vol. 2, LTR).
         self.lin_write(la.wrapping_add(5), 1, ((raw >> 40) & 0xff) | 2, false)?;

@@ -15,11 +15,14 @@ use tandem_core::machine::{ExitStats, Machine, RunError};
 use tandem_core::paging::read_linear;
 use tandem_core::vcpu::{Vcpu, VcpuExit};
 
+use iced_x86::CpuidFeature;
+use tandem_core::cpuid::CpuidTable;
+
 use crate::InterpVcpu;
 
-/// Port, MMIO and MSR exits one instruction may make (the interpreter's
-/// replay log holds 8).
-const MAX_EXITS: usize = 16;
+/// Port, MMIO and MSR exits one instruction may make: as many as the
+/// interpreter's replay log holds.
+const MAX_EXITS: usize = crate::REPLAY_MAX;
 
 /// Executes, with the interpreter, single instructions another processor
 /// gave up on. One interpreter processor per vCPU index, kept between
@@ -63,9 +66,8 @@ fn carried(msrs: &[Msr]) -> impl Iterator<Item = &Msr> {
     msrs.iter().filter(|m| m.index != msr::IA32_TSC)
 }
 
-/// The instruction at CS:RIP as "[lock ]mnemonic", or `None` when it does
-/// not decode.
-fn describe(machine: &Machine, st: &VcpuState) -> Option<String> {
+/// The instruction at CS:RIP, or `None` when it does not decode.
+fn decode(machine: &Machine, st: &VcpuState) -> Option<iced_x86::Instruction> {
     let mut bytes = [0u8; 15];
     let n = read_linear(
         &machine.mem,
@@ -80,9 +82,78 @@ fn describe(machine: &Machine, st: &VcpuState) -> Option<String> {
         s.cs.db,
         s.cr0 & tandem_core::cpu::cr0::PE != 0,
     );
-    let i = tandem_decoder::decode_at_zero(&bytes[..n], bitness)?;
+    tandem_decoder::decode_at_zero(&bytes[..n], bitness)
+}
+
+/// The instruction as "[lock ]mnemonic".
+fn describe(i: &iced_x86::Instruction) -> String {
     let lock = if i.has_lock_prefix() { "lock " } else { "" };
-    Some(format!("{lock}{:?}", i.mnemonic()).to_lowercase())
+    format!("{lock}{:?}", i.mnemonic()).to_lowercase()
+}
+
+/// Where CPUID announces `f`: (leaf, subleaf, register EAX=0..EDX=3, bit);
+/// `None` for the features this table does not follow.
+fn feature_bit(f: CpuidFeature) -> Option<(u32, u32, usize, u32)> {
+    use CpuidFeature as F;
+    Some(match f {
+        F::SSE3 => (1, 0, 2, 0),
+        F::PCLMULQDQ => (1, 0, 2, 1),
+        F::MONITOR => (1, 0, 2, 3),
+        F::VMX => (1, 0, 2, 5),
+        F::SSSE3 => (1, 0, 2, 9),
+        F::FMA => (1, 0, 2, 12),
+        F::SSE4_1 => (1, 0, 2, 19),
+        F::SSE4_2 => (1, 0, 2, 20),
+        F::MOVBE => (1, 0, 2, 22),
+        F::POPCNT => (1, 0, 2, 23),
+        F::AES => (1, 0, 2, 25),
+        F::XSAVE => (1, 0, 2, 26),
+        F::AVX => (1, 0, 2, 28),
+        F::F16C => (1, 0, 2, 29),
+        F::RDRAND => (1, 0, 2, 30),
+        F::FSGSBASE => (7, 0, 1, 0),
+        F::BMI1 => (7, 0, 1, 3),
+        F::AVX2 => (7, 0, 1, 5),
+        F::BMI2 => (7, 0, 1, 8),
+        F::INVPCID => (7, 0, 1, 10),
+        F::RTM => (7, 0, 1, 11),
+        F::AVX512F => (7, 0, 1, 16),
+        F::RDSEED => (7, 0, 1, 18),
+        F::ADX => (7, 0, 1, 19),
+        F::SMAP => (7, 0, 1, 20),
+        F::CLFLUSHOPT => (7, 0, 1, 23),
+        F::CLWB => (7, 0, 1, 24),
+        F::SHA => (7, 0, 1, 29),
+        F::PKU => (7, 0, 2, 3),
+        F::WAITPKG => (7, 0, 2, 5),
+        F::CET_SS => (7, 0, 2, 7),
+        F::RDPID => (7, 0, 2, 22),
+        F::MOVDIRI => (7, 0, 2, 27),
+        F::SERIALIZE => (7, 0, 3, 14),
+        F::XSAVEOPT => (0xd, 1, 0, 0),
+        F::XSAVEC => (0xd, 1, 0, 1),
+        F::XSAVES => (0xd, 1, 0, 3),
+        F::LZCNT => (0x8000_0001, 0, 2, 5),
+        F::SVM => (0x8000_0001, 0, 2, 2),
+        F::PREFETCHW => (0x8000_0001, 0, 2, 8),
+        F::SYSCALL => (0x8000_0001, 0, 3, 11),
+        F::RDTSCP => (0x8000_0001, 0, 3, 27),
+        F::RDPRU => (0x8000_0008, 0, 1, 4),
+        _ => return None,
+    })
+}
+
+/// A CPUID feature `i` needs that `table` does not announce: the processor
+/// raises #UD for it (SDM vol. 2, each instruction's "#UD If CPUID.xx = 0").
+fn missing_feature(i: &iced_x86::Instruction, table: &CpuidTable) -> Option<CpuidFeature> {
+    i.cpuid_features().iter().copied().find(|&f| {
+        feature_bit(f).is_some_and(|(leaf, sub, reg, bit)| {
+            table
+                .raw(leaf, sub)
+                .get(reg)
+                .is_some_and(|v| v & (1 << bit) == 0)
+        })
+    })
 }
 
 impl InstructionFallback for InterpFallback {
@@ -102,9 +173,12 @@ impl InstructionFallback for InterpFallback {
         if ev.smm {
             return Err(refuse("the vCPU is in SMM".into()));
         }
-        let Some(what) = describe(machine, &before) else {
-            return Ok(None);
-        };
+        // An instruction that does not decode is an invalid encoding: the
+        // interpreter's fetch raises #UD for it, as the processor does.
+        let insn = decode(machine, &before);
+        let what = insn
+            .as_ref()
+            .map_or_else(|| "an invalid instruction (#UD)".to_string(), describe);
 
         let id = vcpu.id();
         let mut map = machine_lock(&self.vcpus);
@@ -137,7 +211,7 @@ impl InstructionFallback for InterpFallback {
             }
         }
 
-        let unimplemented = iv.unimplemented_count();
+        let unimplemented = iv.unimplemented_hits();
         let mut stats = ExitStats::default();
         let mut exits = 0;
         loop {
@@ -151,9 +225,16 @@ impl InstructionFallback for InterpFallback {
                 }
             }
         }
-        if iv.unimplemented_count() != unimplemented {
-            // It delivered #UD: undo by not copying anything back.
-            return Err(refuse(format!("the interpreter does not implement {what}")));
+        let mut what = what;
+        if iv.unimplemented_hits() != unimplemented {
+            // It delivered #UD. That is the processor's answer when the
+            // guest's CPUID does not offer the instruction's feature; when it
+            // does, the interpreter merely lacks it: undo by not copying
+            // anything back.
+            match insn.as_ref().and_then(|i| missing_feature(i, &iv.cpuid)) {
+                Some(f) => what = format!("{what} (#UD: CPUID lacks {f:?})"),
+                None => return Err(refuse(format!("the interpreter does not implement {what}"))),
+            }
         }
 
         let after = iv.get_state()?;
@@ -185,4 +266,44 @@ impl InstructionFallback for InterpFallback {
 
 fn machine_lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode64(bytes: &[u8]) -> iced_x86::Instruction {
+        tandem_decoder::decode_at_zero(bytes, 64).expect("decodes")
+    }
+
+    #[test]
+    fn an_instruction_of_a_feature_cpuid_lacks_is_ud() {
+        let model = CpuidTable::model(1);
+        // RDPRU (AMD, CPUID 8000_0008h:EBX[4]): not in Tandem's Intel model.
+        let rdpru = decode64(&[0x0f, 0x01, 0xfd]);
+        assert_eq!(rdpru.mnemonic(), iced_x86::Mnemonic::Rdpru);
+        assert_eq!(missing_feature(&rdpru, &model), Some(CpuidFeature::RDPRU));
+        // An instruction of the base architecture lacks nothing.
+        let add = decode64(&[0x48, 0x01, 0xd8]);
+        assert_eq!(missing_feature(&add, &model), None);
+    }
+
+    #[test]
+    fn a_feature_follows_its_cpuid_bit() {
+        // INVPCID (CPUID.(7,0):EBX[10]): missing exactly when the bit is clear.
+        let invpcid = decode64(&[0x66, 0x0f, 0x38, 0x82, 0x01]);
+        let model = CpuidTable::model(1);
+        let offered = model.raw(7, 0)[1] & (1 << 10) != 0;
+        assert_eq!(
+            missing_feature(&invpcid, &model).is_none(),
+            offered,
+            "INVPCID offered: {offered}"
+        );
+        assert_eq!(
+            feature_bit(CpuidFeature::INVPCID),
+            Some((7, 0, 1, 10)),
+            "SDM vol. 2, INVPCID"
+        );
+        assert_eq!(feature_bit(CpuidFeature::MOVBE), Some((1, 0, 2, 22)));
+    }
 }

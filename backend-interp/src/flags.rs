@@ -114,3 +114,30 @@ pub fn sub(a: u64, b: u64, borrow: u64, r: u64, size: usize) -> u64 {
 pub fn logic(r: u64, size: usize) -> u64 {
     szp(r & mask(size), size)
 }
+
+/// The environment variable of the test-only planted bug.
+pub const PLANTED_BUG_ENV: &str = "TANDEM_INTERP_PLANTED_BUG";
+
+/// Test-only: with `TANDEM_INTERP_PLANTED_BUG=adc-carry-flag` (that exact
+/// value) ADC computes an inverted CF, so that tests/fuzz.rs can show that
+/// `tandem diff --lockstep` and `tandem fuzz` find a wrong flag result and
+/// name that instruction first. Read once per process; unset or any other
+/// value leaves the interpreter correct, and when it is on it says so on
+/// stderr.
+pub fn planted_adc_cf() -> u64 {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| {
+        let on = std::env::var(PLANTED_BUG_ENV).as_deref() == Ok("adc-carry-flag");
+        if on {
+            eprintln!(
+                "tandem-interp: {PLANTED_BUG_ENV}=adc-carry-flag: ADC's CF is wrong on purpose"
+            );
+        }
+        on
+    });
+    if on {
+        CF
+    } else {
+        0
+    }
+}

@@ -868,6 +868,10 @@ impl InterpVcpu {
                 .wrapping_add(u64::from(sel & 0xfff8) + 8);
             let hi = self.system_read(la, 8)?;
             s.base |= (hi & 0xffff_ffff) << 32;
+            // SDM vol. 2, LLDT: a non-canonical 64-bit base is #GP(selector).
+            if !crate::system::canonical(s.base) {
+                return Err(gp(sel));
+            }
         }
         self.sregs.ldt = s;
         Ok(())

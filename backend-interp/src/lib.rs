@@ -115,7 +115,15 @@ pub(crate) struct Completion {
     ok: bool,
 }
 
-const REPLAY_MAX: usize = 8;
+/// External accesses one instruction may make. Most make at most four (a
+/// 16-byte SSE operand split across two pages is four 8-byte accesses; a
+/// REP string instruction commits each iteration, so its count is per
+/// iteration), but the state-save instructions write their area 2 to 8
+/// bytes at a time: FNSAVE 23 accesses, FXSAVE / FXRSTOR 64, XSAVE of x87,
+/// SSE and AVX state about 110, up to twice that when every access is split
+/// across a page boundary. An area on an MMIO device (pc-testdev's iomem)
+/// must still complete.
+const REPLAY_MAX: usize = 256;
 
 /// The interpreter's own MSRs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -132,6 +140,9 @@ pub(crate) struct MsrFile {
     pub tsc_offset: u64,
     pub tsc_aux: u64,
     pub misc_enable: u64,
+    /// IA32_APIC_BASE.EN (kept in the machine's LAPIC) was last seen clear:
+    /// CPUID.1:EDX.APIC reads 0 (system.rs `cpuid`).
+    pub apic_global_disabled: bool,
 }
 
 /// One interpreted processor.
@@ -180,6 +191,13 @@ pub struct InterpVcpu {
     mmio_len: usize,
     kick: Arc<InterpKick>,
     noted: Vec<Mnemonic>,
+    /// Executions of an unimplemented instruction (each one, not only the
+    /// first, which `noted` records): the instruction fallback compares it
+    /// around the one instruction it executes.
+    unimplemented_hits: u64,
+    /// Events `deliver` began (the single-step trap does not follow an
+    /// instruction that delivered one: INT n, INT3, INTO, INT1).
+    pub(crate) events_delivered: u64,
     /// The VMM's debugging of the guest (`set_guest_debug`); `None` in a
     /// normal run, so the hot loop tests one pointer.
     guest_debug: Option<Box<GuestDebug>>,
@@ -290,6 +308,8 @@ impl InterpVcpu {
             mmio_len: 0,
             kick: Arc::new(InterpKick::default()),
             noted: Vec::new(),
+            unimplemented_hits: 0,
+            events_delivered: 0,
             guest_debug: None,
             stop_at_retired: None,
             cpuid: Arc::new(tandem_core::cpuid::CpuidTable::model(1)),
@@ -371,6 +391,11 @@ impl InterpVcpu {
         self.noted.len()
     }
 
+    /// How many times an unimplemented instruction was executed (#UD).
+    pub fn unimplemented_hits(&self) -> u64 {
+        self.unimplemented_hits
+    }
+
     /// Drops the cached instructions of the page holding `gpa`: call it when
     /// something other than this processor wrote guest code.
     pub fn invalidate_page(&mut self, gpa: u64) {
@@ -392,6 +417,7 @@ impl InterpVcpu {
 
     /// Prints one note per mnemonic the interpreter does not implement.
     pub(crate) fn note_unimplemented(&mut self, m: Mnemonic) {
+        self.unimplemented_hits += 1;
         if !self.noted.contains(&m) {
             self.noted.push(m);
             eprintln!(
@@ -504,10 +530,30 @@ impl InterpVcpu {
         self.mov_ss_shadow = false;
         let start = self.rip;
         self.replay_pos = 0;
+        // The guest's own debug exceptions (SDM vol. 3, 17.3): an
+        // instruction breakpoint is a fault before the instruction (not on
+        // its re-execution after an exit, nor with RF set, nor in a MOV SS
+        // shadow, which inhibits it on Intel processors, SDM vol. 3, 6.8.3);
+        // RF is cleared as the instruction starts (IRET may load it again);
+        // TF at the start makes a single-step trap after it.
+        let rf = self.rflags & flags::RF;
+        if self.dr.dr7 & 0xff != 0 && rf == 0 && !movss && self.replay_len == 0 {
+            if let Some(hits) = self.instruction_breakpoints() {
+                self.dr.dr6 = (self.dr.dr6 & !0xf) | hits;
+                return self.raise(Event::exception(1, None));
+            }
+        }
+        self.rflags &= !flags::RF;
+        let tf = self.rflags & flags::TF != 0;
+        let delivered = self.events_delivered;
         match self.exec_one() {
             Ok(()) => {
                 self.replay_len = 0;
                 self.retired += 1;
+                if tf && self.single_step_trap(delivered) {
+                    self.dr.dr6 = (self.dr.dr6 & !0xf) | DR6_BS;
+                    return self.raise(Event::exception(1, None));
+                }
                 None
             }
             Err(Stop::Done(exit)) => {
@@ -516,7 +562,9 @@ impl InterpVcpu {
                 Some(exit)
             }
             Err(Stop::Exit(exit)) => {
-                // Unfinished: the shadows still hold for its re-execution.
+                // Unfinished: the shadows (and RF) still hold for its
+                // re-execution.
+                self.rflags |= rf;
                 self.rip = start;
                 self.sti_shadow = sti;
                 self.mov_ss_shadow = movss;

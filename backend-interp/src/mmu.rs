@@ -106,6 +106,11 @@ impl InterpVcpu {
     /// Raises #PF for `la` with `err`, setting CR2.
     fn page_fault(&mut self, la: u64, err: u32) -> Stop {
         self.sregs.cr2 = la;
+        // A page fault invalidates the TLB entries for the faulting linear
+        // address (SDM vol. 3, 4.10.4.1): an OS that made a page writable
+        // or present without INVLPG (Linux's "spurious fault" path) relies
+        // on the retried access walking the paging structures again.
+        self.tlb.flush_page(la);
         Stop::Exc(14, Some(err))
     }
 

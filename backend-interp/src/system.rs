@@ -314,6 +314,7 @@ impl InterpVcpu {
     /// address is the current RIP (plus the instruction length for an
     /// injected software event).
     pub(crate) fn deliver(&mut self, ev: &Event) -> R<()> {
+        self.events_delivered = self.events_delivered.wrapping_add(1);
         let soft = matches!(
             ev.kind,
             EventKind::SoftwareInterrupt | EventKind::SoftwareException
@@ -416,7 +417,17 @@ impl InterpVcpu {
             // non-conforming segment (SDM vol. 3, 20.3.1.1).
             return Err(Stop::Exc(GP, cerr));
         }
-        let old_rflags = self.rflags;
+        // A fault-class exception pushes EFLAGS with RF set, so that the
+        // restarted instruction does not take an instruction breakpoint
+        // again (SDM vol. 3, 6.12.1 and 17.3.1.1); traps, interrupts and
+        // #DB (whose instruction-breakpoint form is the exception to the
+        // rule, and whose other forms are traps) push it as it is.
+        let fault = ev.kind == EventKind::HardwareException
+            && matches!(
+                ev.vector,
+                0 | 5 | 6 | 7 | 10 | 11 | 12 | 13 | 14 | 16 | 17 | 19 | 20 | 21
+            );
+        let old_rflags = if fault { self.rflags | RF } else { self.rflags };
         let old_cs = self.sregs.cs.selector;
         let old_ss = self.sregs.ss.selector;
         let old_rsp = self.gpr[4];
@@ -723,9 +734,13 @@ impl InterpVcpu {
             (self.rflags & !changeable) | (v & changeable) | tandem_core::cpu::rflags::FIXED1;
     }
 
-    /// SYSCALL (SDM vol. 2): 64-bit mode only in this milestone.
+    /// SYSCALL (SDM vol. 2): long mode only; Intel processors raise #UD
+    /// outside 64-bit mode (compatibility mode), AMD ones enter at CSTAR.
     pub(crate) fn syscall(&mut self) -> R<()> {
         if self.sregs.efer & efer::SCE == 0 || !self.sregs.long_mode() {
+            return Err(Stop::Exc(6, None));
+        }
+        if self.bitness != 64 && self.intel_vendor() {
             return Err(Stop::Exc(6, None));
         }
         let sel = ((self.msr.star >> 32) & 0xfffc) as u16;
@@ -927,6 +942,9 @@ impl InterpVcpu {
             msr::IA32_KERNEL_GS_BASE => m.kernel_gs_base,
             msr::IA32_TSC_AUX => m.tsc_aux,
             0x1a0 => m.misc_enable,
+            // IA32_MCG_CAP: no error-reporting banks, no MCG_CTL; and
+            // IA32_MCG_STATUS: no machine check in progress (SDM vol. 3, 16.3.1).
+            0x179 | 0x17a => 0,
             0x8b => 0,
             0xfe => 0,
             // IA32_XSS: no supervisor state components (XSAVES saves none).
@@ -969,6 +987,9 @@ impl InterpVcpu {
             // IA32_BIOS_SIGN_ID: writing 0 before CPUID(1) asks for the
             // microcode revision, which reads 0 here (no microcode).
             0x8b => {}
+            // IA32_MCG_STATUS: writable with 0 only (SDM vol. 3, 16.3.1.2);
+            // IA32_MCG_CAP is read-only.
+            0x17a if v == 0 => {}
             0xda0 if self.xsaves_offered() && v == 0 => {}
             _ => return false,
         }
@@ -986,6 +1007,7 @@ impl InterpVcpu {
             if !ok {
                 return Err(Stop::Exc(GP, Some(0)));
             }
+            self.note_apic_base(index, v);
             v
         } else {
             self.own_msr_read(index).ok_or(Stop::Exc(GP, Some(0)))?
@@ -1007,6 +1029,7 @@ impl InterpVcpu {
             if !ok {
                 return Err(Stop::Exc(GP, Some(0)));
             }
+            self.note_apic_base(index, v);
             return Ok(());
         }
         if self.own_msr_write(index, v) {
@@ -1054,7 +1077,80 @@ impl InterpVcpu {
     /// from this vCPU's state.
     pub(crate) fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
         let osxsave = self.sregs.cr4 & cr4::OSXSAVE != 0;
-        self.cpuid
-            .lookup(leaf, sub, self.id, osxsave, self.fpu.xcr0)
+        let mut r = self
+            .cpuid
+            .lookup(leaf, sub, self.id, osxsave, self.fpu.xcr0);
+        if leaf == 1 && self.msr.apic_global_disabled {
+            // CPUID.1:EDX.APIC[bit 9] reads 0 while IA32_APIC_BASE.EN is
+            // clear (SDM vol. 3, 11.4.3).
+            r[3] &= !(1 << 9);
+        }
+        r
+    }
+
+    /// The debug register a MOV DR names: DR4 and DR5 are DR6 and DR7 while
+    /// CR4.DE is clear, and #UD while it is set (SDM vol. 3, 17.2.2). With
+    /// DR7.GD set, any MOV DR is a general-detect #DB fault instead: DR6.BD
+    /// set, GD cleared so the handler can use the registers (SDM vol. 3,
+    /// 17.2.4 and 17.3.1.2).
+    pub(crate) fn dr_alias(&mut self, r: Register) -> R<Register> {
+        const GD: u64 = 1 << 13;
+        const BD: u64 = 1 << 13;
+        if self.dr.dr7 & GD != 0 {
+            self.dr.dr7 &= !GD;
+            self.dr.dr6 |= BD;
+            return Err(Stop::Exc(1, None));
+        }
+        let de = self.sregs.cr4 & (1 << 3) != 0;
+        match r {
+            Register::DR4 | Register::DR5 if de => Err(Stop::Exc(6, None)),
+            Register::DR4 => Ok(Register::DR6),
+            Register::DR5 => Ok(Register::DR7),
+            _ => Ok(r),
+        }
+    }
+
+    /// The B0-B3 bits of the instruction breakpoints that match CS:RIP:
+    /// DR0-DR3 enabled in DR7 (L or G) with R/W = 00 (execution), whose
+    /// LEN must be 00 (SDM vol. 3, 17.2.4 and 17.3.1.1); `None` for none.
+    pub(crate) fn instruction_breakpoints(&self) -> Option<u64> {
+        let la = self.sregs.cs.base.wrapping_add(self.rip);
+        let dr7 = self.dr.dr7;
+        let hits = (0..4).fold(0u64, |hits, n| {
+            let enabled = (dr7 >> (2 * n)) & 3 != 0;
+            let rw_len = (dr7 >> (16 + 4 * n)) & 0xf;
+            if enabled && rw_len == 0 && self.dr.db[n] == la {
+                hits | (1 << n)
+            } else {
+                hits
+            }
+        });
+        (hits != 0).then_some(hits)
+    }
+
+    /// Whether an instruction that started with TF set traps after it
+    /// (SDM vol. 3, 17.3.1.4): not when it delivered an event (INT n,
+    /// INT3, INTO, INT1 clear TF on the way to their handler), nor when it
+    /// was a MOV SS / POP SS, whose shadow suppresses debug exceptions
+    /// until the next instruction has run (SDM vol. 3, 6.8.3). STI's shadow
+    /// does not. TF set by the instruction itself (POPF, IRET) first traps
+    /// after the next one, as the caller tests TF at the start.
+    pub(crate) fn single_step_trap(&self, events_before: u64) -> bool {
+        self.events_delivered == events_before && !self.mov_ss_shadow
+    }
+
+    /// CPUID.0's vendor string is "GenuineIntel".
+    pub(crate) fn intel_vendor(&self) -> bool {
+        // EBX "Genu", EDX "ineI", ECX "ntel".
+        let v = self.cpuid.raw(0, 0);
+        v[1] == 0x756e_6547 && v[3] == 0x4965_6e69 && v[2] == 0x6c65_746e
+    }
+
+    /// Follows IA32_APIC_BASE.EN (bit 11) through the values the machine's
+    /// LAPIC returned or accepted, for CPUID.1:EDX.APIC.
+    fn note_apic_base(&mut self, index: u32, v: u64) {
+        if index == msr::IA32_APIC_BASE {
+            self.msr.apic_global_disabled = v & (1 << 11) == 0;
+        }
     }
 }

@@ -522,6 +522,40 @@ fn page_fault_error_code_and_cr2() {
     assert_ne!(v.mem.read_u64(0x6000).unwrap() & 0x20, 0);
 }
 
+/// A page fault drops the TLB entry of the faulting address (SDM vol. 3,
+/// 4.10.4.1): after the OS makes the page writable without INVLPG, the
+/// retried write walks again and succeeds (Linux's spurious-fault path; a
+/// stale entry made a stock kernel fault forever at its first user write).
+#[test]
+fn page_fault_invalidates_the_tlb_entry_of_the_address() {
+    let mut v = with(|a| {
+        a.mov(rbx, 0x4000_0000u64)?;
+        a.mov(eax, dword_ptr(rbx))?; // caches a read-only translation
+        a.mov(dword_ptr(rbx), eax)?; // #PF: P | W
+        a.hlt()
+    });
+    v.mem.write_u64(0x2008, 0x6007).unwrap();
+    v.mem.write_u64(0x6000, 0x7007).unwrap();
+    // Present, dirty, read-only: the cached entry needs no walk to set D.
+    v.mem.write_u64(0x7000, 0x300041).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let mut r = v.get_regs().unwrap();
+    assert_eq!(r.rip, HANDLERS + 14 * 16 + 1, "the write faulted");
+    // The "OS": writable now, no INVLPG; return to the faulting write.
+    v.mem.write_u64(0x7000, 0x300043).unwrap();
+    let write_rip = v.mem.read_u64(r.rsp + 8).unwrap();
+    r.rip = write_rip;
+    r.rsp += 8 * 6; // error code + the interrupt frame
+    v.set_regs(&r).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert!(
+        r.rip < HANDLERS,
+        "the retried write succeeded (stopped at {:#x})",
+        r.rip
+    );
+}
+
 #[test]
 fn non_canonical_is_gp_and_a_broken_idt_is_a_triple_fault() {
     let mut v = with(|a| {
@@ -1318,4 +1352,519 @@ fn ldmxcsr_stmxcsr_carry_mxcsr_and_check_reserved_bits() {
         HANDLERS + 13 * 16 + 1,
         "bit 16: #GP"
     );
+}
+
+/// The RFLAGS image a 64-bit handler entered without an error code finds
+/// at RSP + 16 (RIP, CS, RFLAGS, RSP, SS).
+fn pushed_rflags(v: &mut InterpVcpu, error_code: bool) -> u64 {
+    let top = v.get_regs().unwrap().rsp;
+    v.mem
+        .read_u64(top + if error_code { 24 } else { 16 })
+        .unwrap()
+}
+
+#[test]
+fn jecxz_and_jrcxz_test_ecx_and_rcx_not_cx() {
+    // SDM vol. 2, Jcc: JECXZ tests ECX, JRCXZ RCX (64-bit mode has no JCXZ).
+    // JECXZ needs the 67h prefix in 64-bit mode, which code_asm does not
+    // emit: the branches are written as bytes (rel8 3 skips one OR).
+    let mut v = with(|a| {
+        a.xor(eax, eax)?;
+        a.mov(rcx, 0x1_0000u64)?; // CX = 0, ECX != 0
+        a.db(&[0x67, 0xe3, 0x03])?; // jecxz +3
+        a.or(eax, 1)?;
+        a.db(&[0xe3, 0x03])?; // jrcxz +3
+        a.or(eax, 2)?;
+        a.mov(rcx, 0x1_0000_0000u64)?; // ECX = 0, RCX != 0
+        a.db(&[0x67, 0xe3, 0x03])?; // jecxz +3
+        a.or(eax, 4)?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(
+        v.get_regs().unwrap().rax,
+        3,
+        "only the ECX = 0 JECXZ is taken"
+    );
+}
+
+#[test]
+fn vmcall_returns_kvm_enosys_at_cpl0_and_eperm_above() {
+    let mut v = with(|a| {
+        a.mov(rax, 1234u64)?;
+        a.vmcall()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rax, -1000i64 as u64, "-KVM_ENOSYS");
+
+    // CPL 3: -KVM_EPERM; the UD2 after it reaches the #UD handler (ring 0).
+    let mut v = with(|a| {
+        a.vmcall()?;
+        a.ud2()
+    });
+    let mut s = v.get_sregs().unwrap();
+    s.cs = Segment::flat(0x23, 0xb, true);
+    s.cs.dpl = 3;
+    s.ss = Segment::flat(0x1b, 3, false);
+    s.ss.dpl = 3;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rax, u64::MAX, "-KVM_EPERM");
+    assert_eq!(r.rip, HANDLERS + 6 * 16 + 1);
+
+    // VMMCALL is AMD's: #UD on this Intel-vendor processor.
+    let mut v = with(|a| a.vmmcall());
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 6 * 16 + 1);
+}
+
+#[test]
+fn mcg_cap_and_mcg_status_read_zero() {
+    let mut v = with(|a| {
+        a.mov(eax, 0x5555u32)?;
+        a.mov(edx, 0x5555u32)?;
+        a.mov(ecx, 0x179u32)?;
+        a.rdmsr()?;
+        a.mov(ebx, eax)?;
+        a.or(ebx, edx)?;
+        a.mov(ecx, 0x17au32)?;
+        a.rdmsr()?;
+        a.or(ebx, eax)?;
+        a.or(ebx, edx)?;
+        // MCG_STATUS accepts 0.
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(esi, 1u32)?;
+        // A non-zero MCG_STATUS is #GP(0).
+        a.mov(eax, 1u32)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rbx, 0, "both read 0");
+    assert_eq!(r.rsi, 1, "writing 0 to MCG_STATUS did not fault");
+    assert_eq!(r.rip, HANDLERS + 13 * 16 + 1, "writing 1 is #GP");
+    assert_eq!(v.mem.read_u64(r.rsp).unwrap(), 0);
+
+    // MCG_CAP is read-only.
+    let mut v = with(|a| {
+        a.mov(ecx, 0x179u32)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+}
+
+#[test]
+fn faults_push_rf_set_and_traps_do_not() {
+    // SDM vol. 3, 6.12.1: a fault's EFLAGS image has RF set.
+    let mut v = with(|a| a.ud2());
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 6 * 16 + 1);
+    assert_ne!(pushed_rflags(&mut v, false) & crate::flags::RF, 0, "#UD");
+    assert_eq!(
+        v.get_regs().unwrap().rflags & crate::flags::RF,
+        0,
+        "cleared in the handler"
+    );
+
+    // #GP with an error code.
+    let mut v = with(|a| {
+        a.mov(rbx, 0x8000_0000_0000u64)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_ne!(pushed_rflags(&mut v, true) & crate::flags::RF, 0, "#GP");
+
+    // INT3 is a trap: RF as it was (clear).
+    let mut v = with(|a| a.int3());
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 3 * 16 + 1);
+    assert_eq!(pushed_rflags(&mut v, false) & crate::flags::RF, 0, "#BP");
+}
+
+#[test]
+fn ltr_and_lldt_reject_a_non_canonical_base() {
+    // 0x38: an available 64-bit TSS, 0x48: an LDT, both with base bits
+    // 63:32 = 0x8000 (non-canonical): #GP(selector) (SDM vol. 2, LTR / LLDT).
+    for (sel, type_) in [(0x38u16, 0x89u64), (0x48, 0x82)] {
+        let mut v = with(|a| {
+            a.mov(eax, u32::from(sel))?;
+            if sel == 0x38 {
+                a.ltr(ax)?;
+            } else {
+                a.lldt(ax)?;
+            }
+            a.hlt()
+        });
+        let lo = 0x67 | (0x6000u64 << 16) | (type_ << 40);
+        v.mem.write_u64(0x3000 + u64::from(sel), lo).unwrap();
+        v.mem.write_u64(0x3008 + u64::from(sel), 0x8000).unwrap();
+        let mut s = v.get_sregs().unwrap();
+        s.gdt.limit = 0x57;
+        v.set_sregs(&s).unwrap();
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        assert_eq!(r.rip, HANDLERS + 13 * 16 + 1, "selector {sel:#x}");
+        assert_eq!(v.mem.read_u64(r.rsp).unwrap(), u64::from(sel));
+        // Nothing was loaded, and the TSS descriptor was not marked busy.
+        let s = v.get_sregs().unwrap();
+        assert_ne!(s.tr.selector, sel);
+        assert_ne!(s.ldt.selector, sel);
+        assert_eq!(v.mem.read_u64(0x3000 + u64::from(sel)).unwrap(), lo);
+
+        // The same descriptor with a canonical base loads.
+        let mut v2 = with(|a| {
+            a.mov(eax, u32::from(sel))?;
+            if sel == 0x38 {
+                a.ltr(ax)?;
+            } else {
+                a.lldt(ax)?;
+            }
+            a.hlt()
+        });
+        v2.mem.write_u64(0x3000 + u64::from(sel), lo).unwrap();
+        v2.mem.write_u64(0x3008 + u64::from(sel), 0).unwrap();
+        v2.set_sregs(&s).unwrap();
+        assert_eq!(v2.run().unwrap(), VcpuExit::Hlt);
+        let rip = v2.get_regs().unwrap().rip;
+        assert!((CODE..CODE + 16).contains(&rip), "ran to its own HLT");
+        assert_eq!(v2.mem.read_u8(rip - 1).unwrap(), 0xf4);
+    }
+}
+
+#[test]
+fn cpuid_apic_bit_follows_apic_base_enable() {
+    // SDM vol. 3, 11.4.3: with IA32_APIC_BASE.EN clear, CPUID.1:EDX[9] is 0.
+    let mut v = with(|a| {
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(esi, edx)?;
+        a.mov(ecx, 0x1bu32)?;
+        a.mov(eax, 0xfee0_0000u32)?; // EN (bit 11) clear
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.mov(edi, edx)?;
+        a.mov(ecx, 0x1bu32)?;
+        a.rdmsr()?;
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.hlt()
+    });
+    assert!(matches!(
+        v.run().unwrap(),
+        VcpuExit::WrMsr { index: 0x1b, .. }
+    ));
+    v.complete_wrmsr(true);
+    assert_eq!(v.run().unwrap(), VcpuExit::RdMsr { index: 0x1b });
+    // The LAPIC says it is enabled again (e.g. after a restore).
+    v.complete_rdmsr(Some(0xfee0_0900));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_ne!(r.rsi & (1 << 9), 0, "APIC present at reset");
+    assert_eq!(r.rdi & (1 << 9), 0, "EN clear: APIC bit 0");
+    assert_ne!(r.rdx & (1 << 9), 0, "EN set again");
+}
+
+#[test]
+fn syscall_in_compatibility_mode_is_ud_on_intel() {
+    // SDM vol. 2, SYSCALL: #UD if not in 64-bit mode (Intel processors).
+    let v = machine();
+    let mut a = CodeAssembler::new(32).unwrap();
+    a.syscall().unwrap();
+    v.mem.write(CODE, &a.assemble(CODE).unwrap()).unwrap();
+    let mut v = v;
+    let mut s = v.get_sregs().unwrap();
+    s.cs = Segment::flat(0x18, 0xb, false);
+    v.set_sregs(&s).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rip, HANDLERS + 6 * 16 + 1);
+    assert_eq!(v.mem.read_u64(r.rsp).unwrap(), CODE, "#UD at the SYSCALL");
+}
+
+/// Runs `v` to HLT completing MMIO exits from a byte array standing for
+/// pc-testdev's iomem at 0xFF000000; returns the exits seen.
+fn run_with_iomem(v: &mut InterpVcpu, iomem: &mut [u8]) -> Vec<VcpuExit> {
+    let mut seen = Vec::new();
+    loop {
+        let e = v.run().unwrap();
+        match e {
+            VcpuExit::MmioRead { addr, len } => {
+                let off = (addr - 0xff00_0000) as usize;
+                v.mmio_data()
+                    .copy_from_slice(&iomem[off..off + usize::from(len)]);
+            }
+            VcpuExit::MmioWrite { addr, len } => {
+                let off = (addr - 0xff00_0000) as usize;
+                iomem[off..off + usize::from(len)].copy_from_slice(v.mmio_data());
+            }
+            VcpuExit::Hlt => return seen,
+            other => panic!("unexpected exit {other:?}"),
+        }
+        seen.push(e);
+    }
+}
+
+#[test]
+fn sse_string_and_state_save_instructions_complete_on_mmio() {
+    let mut iomem = vec![0u8; 0x1000];
+    let mut v = with(|a| {
+        a.mov(rbx, 0xff00_0000u64)?;
+        // A 16-byte SSE store and load across an 8-byte boundary.
+        a.mov(rax, 0x1122_3344_5566_7788u64)?;
+        a.movq(xmm0, rax)?;
+        a.pinsrq(xmm0, rax, 1)?;
+        a.movdqu(xmmword_ptr(rbx + 4), xmm0)?;
+        a.movdqu(xmm1, xmmword_ptr(rbx + 4))?;
+        a.movq(rsi, xmm1)?;
+        // REP STOSB of 40 bytes (one access per iteration).
+        a.lea(rdi, qword_ptr(rbx + 0x100))?;
+        a.mov(ecx, 40u32)?;
+        a.mov(al, 0x5a)?;
+        a.rep().stosb()?;
+        // FXSAVE: 512 bytes, far more accesses than one register write.
+        a.fxsave(ptr(rbx + 0x200))?;
+        a.hlt()
+    });
+    let mut s = v.get_sregs().unwrap();
+    s.cr4 |= cr4::OSFXSR;
+    v.set_sregs(&s).unwrap();
+    let exits = run_with_iomem(&mut v, &mut iomem);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rsi, 0x1122_3344_5566_7788);
+    assert_eq!(iomem[4..12], 0x1122_3344_5566_7788u64.to_le_bytes());
+    assert_eq!(iomem[12..20], 0x1122_3344_5566_7788u64.to_le_bytes());
+    assert!(iomem[0x100..0x128].iter().all(|&b| b == 0x5a));
+    assert_eq!(iomem[0x128], 0);
+    // FXSAVE stored FCW 0x37F and MXCSR 0x1F80 (their reset values).
+    assert_eq!(iomem[0x200..0x202], [0x7f, 0x03]);
+    assert_eq!(iomem[0x218..0x21c], 0x1f80u32.to_le_bytes());
+    assert!(exits.len() > 64, "{} exits", exits.len());
+}
+
+#[test]
+fn dr4_and_dr5_alias_dr6_and_dr7_unless_cr4_de() {
+    // SDM vol. 3, 17.2.2: with CR4.DE = 0, DR4 / DR5 are DR6 / DR7.
+    let code = |a: &mut CodeAssembler| {
+        a.mov(rax, 0x1u64)?;
+        a.mov(dr5, rax)?; // DR7.L0
+        a.mov(rbx, dr7)?;
+        a.mov(rcx, dr4)?; // DR6
+        a.hlt()
+    };
+    let mut v = with(code);
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rbx, 0x401, "DR5 wrote DR7");
+    assert_eq!(r.rcx, v.dr.dr6, "DR4 read DR6");
+    assert_eq!(r.rcx & 0xffff_0ff0, 0xffff_0ff0);
+
+    // CR4.DE = 1: #UD.
+    let mut v = with(code);
+    let mut s = v.get_sregs().unwrap();
+    s.cr4 |= 1 << 3;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rip, HANDLERS + 6 * 16 + 1);
+    assert_eq!(v.mem.read_u64(r.rsp).unwrap(), CODE + 10, "#UD at MOV DR5");
+    assert_eq!(v.dr.dr7 & 1, 0);
+}
+
+/// A vCPU whose #DB handler (vector 1) records the RIP and DR6 of each #DB
+/// in a table at 0x7_8000 (count first), clears TF in the frame after
+/// `max` of them, sets RF in the frame (as a debugger handler does) and
+/// returns with IRETQ.
+fn with_db_recorder(
+    max: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> InterpVcpu {
+    let v = with(f);
+    let mut a = CodeAssembler::new(64).unwrap();
+    let mut keep = a.create_label();
+    let table = 0x7_8000u64;
+    a.push(rax).unwrap();
+    a.push(rbx).unwrap();
+    a.mov(rbx, table).unwrap();
+    a.mov(rax, qword_ptr(rbx)).unwrap();
+    a.inc(qword_ptr(rbx)).unwrap();
+    a.shl(rax, 4).unwrap();
+    a.add(rbx, rax).unwrap();
+    a.mov(rax, qword_ptr(rsp + 16)).unwrap(); // RIP
+    a.mov(qword_ptr(rbx + 8), rax).unwrap();
+    a.mov(rax, dr6).unwrap();
+    a.mov(qword_ptr(rbx + 16), rax).unwrap();
+    a.mov(rax, 0xffff_0ff0u64).unwrap();
+    a.mov(dr6, rax).unwrap();
+    a.mov(rbx, table).unwrap();
+    a.cmp(qword_ptr(rbx), max as i32).unwrap();
+    a.jb(keep).unwrap();
+    a.and(qword_ptr(rsp + 32), !0x100i32).unwrap(); // TF
+    a.set_label(&mut keep).unwrap();
+    a.or(qword_ptr(rsp + 32), 0x1_0000).unwrap(); // RF
+    a.pop(rbx).unwrap();
+    a.pop(rax).unwrap();
+    a.iretq().unwrap();
+    let h = HANDLERS + 0x800;
+    v.mem.write(h, &a.assemble(h).unwrap()).unwrap();
+    // Gate 1 -> h (interrupt gate, DPL 3).
+    let lo = (h & 0xffff) | (8 << 16) | (0xEEu64 << 40) | ((h >> 16) & 0xffff) << 48;
+    v.mem.write_u64(0x4000 + 16, lo).unwrap();
+    v.mem.write_u64(0x4008 + 16, h >> 32).unwrap();
+    v
+}
+
+/// The (RIP, DR6) pairs the recorder saw.
+fn db_records(v: &InterpVcpu) -> Vec<(u64, u64)> {
+    let n = v.mem.read_u64(0x7_8000).unwrap();
+    (0..n)
+        .map(|k| {
+            let e = 0x7_8000 + 16 * k;
+            (
+                v.mem.read_u64(e + 8).unwrap(),
+                v.mem.read_u64(e + 16).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn single_step_traps_after_each_instruction_that_started_with_tf() {
+    // SDM vol. 3, 17.3.1.4: POPF setting TF does not trap; the next
+    // instructions do (the POPF clearing TF too), with DR6.BS.
+    let mut v = with_db_recorder(100, |a| {
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.nop()?;
+        a.pushfq()?;
+        a.and(qword_ptr(rsp), !0x100i32)?;
+        a.popfq()?;
+        a.nop()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let recs = db_records(&v);
+    let rips: Vec<u64> = recs.iter().map(|r| r.0 - CODE).collect();
+    // PUSHFQ @0, OR @1, POPFQ @9 (sets TF), NOP @10, PUSHFQ @11, AND @12,
+    // POPFQ @20 (clears TF, still traps), NOP @21.
+    assert_eq!(rips, vec![11, 12, 20, 21]);
+    for (_, status) in recs {
+        assert_eq!(status, 0xffff_0ff0 | (1 << 14), "BS");
+    }
+}
+
+#[test]
+fn single_step_is_suppressed_by_mov_ss_but_not_by_sti() {
+    let mut v = with_db_recorder(100, |a| {
+        a.mov(eax, 0x10)?;
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.mov(ss, ax)?;
+        a.nop()?;
+        a.sti()?; // traps despite the STI shadow
+        a.pushfq()?;
+        a.and(qword_ptr(rsp), !0x100i32)?;
+        a.popfq()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let rips: Vec<u64> = db_records(&v).iter().map(|r| r.0 - CODE).collect();
+    // POPFQ @14 sets TF; MOV SS (66 8E D0) @15: no trap; NOP @18 -> 19;
+    // STI @19 -> 20; PUSHFQ @20 -> 21; AND @21 -> 29; POPFQ @29 -> 30.
+    assert_eq!(rips, vec![19, 20, 21, 29, 30]);
+}
+
+#[test]
+fn instruction_breakpoint_faults_before_the_instruction_and_rf_suppresses_it() {
+    // DR0 = CODE + 0x10, DR7.L0, R/W0 = LEN0 = 00: #DB with RIP at the
+    // instruction, DR6.B0; the handler's RF lets it run once.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    // DR0 = the XOR at CODE + 0x15, then DR7.L0.
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, CODE + 0x15).unwrap();
+    a.mov(dr0, rax).unwrap();
+    a.mov(eax, 0x401u32).unwrap();
+    a.mov(dr7, rax).unwrap();
+    a.xor(ecx, ecx).unwrap();
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    // MOV RAX, imm64 (10), MOV DR0 (3), MOV EAX, imm32 (5), MOV DR7 (3);
+    // XOR (2), HLT (1).
+    assert_eq!(code.len(), 0x15 + 3);
+    v.mem.write(CODE, &code).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let recs = db_records(&v);
+    assert_eq!(recs, vec![(CODE + 0x15, 0xffff_0ff0 | 1)]);
+    assert_eq!(
+        v.get_regs().unwrap().rip,
+        CODE + 0x18,
+        "the XOR and HLT then ran"
+    );
+    assert_eq!(
+        v.get_regs().unwrap().rflags & crate::flags::RF,
+        0,
+        "RF cleared"
+    );
+}
+
+#[test]
+fn icebp_delivers_db_without_touching_dr6() {
+    let mut v = with_db_recorder(100, |a| {
+        a.db(&[0xf1])?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(CODE + 1, 0xffff_0ff0)]);
+}
+
+#[test]
+fn dr7_gd_makes_mov_dr_a_general_detect_fault() {
+    // SDM vol. 3, 17.3.1.2: #DB fault at the MOV DR, DR6.BD, GD cleared.
+    let mut v = with_db_recorder(100, |a| {
+        a.mov(eax, 0x2400u32)?; // GD
+        a.mov(dr7, rax)?; // CODE + 5
+        a.mov(rbx, dr6)?; // CODE + 8: faults once, then runs
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let recs = db_records(&v);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].0, CODE + 8);
+    assert_ne!(recs[0].1 & (1 << 13), 0, "DR6.BD");
+    assert_eq!(v.dr.dr7 & (1 << 13), 0, "GD cleared");
+}
+
+#[test]
+fn instruction_breakpoint_in_a_mov_ss_shadow_is_inhibited() {
+    // SDM vol. 3, 6.8.3: debug exceptions are inhibited for the instruction
+    // after MOV SS (an Intel processor loses the code breakpoint).
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, CODE + 0x1d).unwrap(); // 10
+    a.mov(dr0, rax).unwrap(); // 3
+    a.mov(eax, 0x401u32).unwrap(); // 5
+    a.mov(dr7, rax).unwrap(); // 3
+    a.mov(eax, 0x10u32).unwrap(); // 5 -> 0x1a
+    a.mov(ss, ax).unwrap(); // 3 (66 8E D0) -> 0x1d
+    a.xor(ecx, ecx).unwrap(); // the breakpoint
+    a.hlt().unwrap();
+    let code = a.assemble(CODE).unwrap();
+    assert_eq!(code.len(), 0x1d + 3);
+    v.mem.write(CODE, &code).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert!(db_records(&v).is_empty());
+    assert_eq!(v.get_regs().unwrap().rip, CODE + 0x20, "XOR and HLT ran");
 }

@@ -2180,7 +2180,8 @@ fn random_simd_and_x87_encodings_never_panic() {
         // zeros) and let the instruction run again from its replay log.
         let mut exit = v.run().unwrap();
         let mut rounds = 0;
-        while matches!(exit, VcpuExit::MmioRead { .. } | VcpuExit::MmioWrite { .. }) && rounds < 8 {
+        while matches!(exit, VcpuExit::MmioRead { .. } | VcpuExit::MmioWrite { .. }) && rounds < 600
+        {
             exit = v.run().unwrap();
             rounds += 1;
         }

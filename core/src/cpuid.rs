@@ -37,9 +37,11 @@ pub const SIGNIFICANT_INDEX: u32 = 1;
 /// interpreter executes what it announces (SDM vol. 2A, CPUID, tables 3-8
 /// to 3-11).
 pub mod model {
-    /// Leaf 1 EDX: FPU, PSE, TSC, MSR, PAE, CX8, APIC, PGE, CMOV, PAT,
-    /// CLFSH, MMX, FXSR, SSE, SSE2 (no SEP: SYSENTER is not implemented).
+    /// Leaf 1 EDX: FPU, DE (CR4.DE: DR4 / DR5 #UD), PSE, TSC, MSR, PAE,
+    /// CX8, APIC, PGE, CMOV, PAT, CLFSH, MMX, FXSR, SSE, SSE2 (no SEP:
+    /// SYSENTER is not implemented).
     pub const LEAF1_EDX: u32 = (1 << 0)
+        | (1 << 2)
         | (1 << 3)
         | (1 << 4)
         | (1 << 5)

@@ -31,8 +31,8 @@ pub use crate::devices::pit::LostTickPolicy;
 use crate::devices::pit::{Pit, PitTimer};
 use crate::devices::serial::{Serial, COM1_BASE, COM1_IRQ, UART_PORTS};
 use crate::devices::testdev::{
-    SetIrqLine, TestdevIoport, TestdevIrq, TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS, TESTDEV_IRQ_LINES,
-    TESTDEV_IRQ_PORT,
+    SetIrqLine, TestdevIomem, TestdevIoport, TestdevIrq, TESTDEV_IOMEM_BASE, TESTDEV_IOMEM_SIZE,
+    TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS, TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT,
 };
 use crate::irq::IsaIrqRouter;
 use crate::ladder::{InterruptSource, NoInterrupts};
@@ -377,6 +377,13 @@ impl Pc {
             Arc::new(Mutex::new(TestdevIoport::new())),
             TESTDEV_IOPORT,
             TESTDEV_IOPORT_PORTS,
+        )?;
+        // pc-testdev's MMIO buffer ("testdev-iomem"): MMIO, so that its
+        // accesses are emulated on both processors.
+        mmio.insert(
+            Arc::new(Mutex::new(TestdevIomem::new())),
+            TESTDEV_IOMEM_BASE,
+            TESTDEV_IOMEM_SIZE,
         )?;
         {
             let ioapic = irqchip.as_ref().map(|c| Arc::downgrade(&c.ioapic));
@@ -1133,5 +1140,35 @@ mod tests {
             pc.start_trace(Box::new(sink)),
             Err(PcError::TraceNeedsUserIrqchip)
         ));
+    }
+
+    #[test]
+    fn testdev_iomem_is_mmio_that_reads_back_with_either_irqchip() {
+        for irqchip in [IrqchipKind::User, IrqchipKind::Kernel] {
+            let pc = Pc::new(PcConfig {
+                mem_size: 2 << 20,
+                vcpus: 1,
+                clock: ClockKind::Virtual,
+                irqchip,
+                lost_ticks: LostTickPolicy::Discard,
+                serial_out: Box::new(std::io::sink()),
+            })
+            .unwrap();
+            // QEMU's pc-testdev "testdev-iomem": 64 KiB at 0xFF000000, not RAM.
+            assert!(!pc.machine.mem.is_ram(TESTDEV_IOMEM_BASE, 1));
+            let last = TESTDEV_IOMEM_BASE + TESTDEV_IOMEM_SIZE - 8;
+            assert!(pc
+                .machine
+                .mmio
+                .write(last, &0x0102_0304_0506_0708u64.to_le_bytes()));
+            let mut b = [0u8; 8];
+            assert!(pc.machine.mmio.read(last, &mut b));
+            assert_eq!(u64::from_le_bytes(b), 0x0102_0304_0506_0708);
+            // Nothing decodes just past it.
+            assert!(!pc
+                .machine
+                .mmio
+                .read(TESTDEV_IOMEM_BASE + TESTDEV_IOMEM_SIZE, &mut b));
+        }
     }
 }

@@ -20,3 +20,5 @@ pub mod acpi;
 pub mod mptable;
 pub use acpi::{build_acpi, write_acpi, AcpiConfig, AcpiError, AcpiLayout, AcpiTables};
 pub use mptable::{build_mptable, write_mptable, MpTableError, MpTableLayout};
+pub mod bios;
+pub use bios::{build_bios_ivt, write_bios_ivt, BiosIvt};

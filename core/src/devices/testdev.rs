@@ -1,11 +1,17 @@
-//! QEMU's `pc-testdev` (hw/misc/pc-testdev.c), the ports kvm-unit-tests
-//! use, without the MMIO test region:
+//! QEMU's `pc-testdev` (hw/misc/pc-testdev.c), the ports and the MMIO
+//! region kvm-unit-tests use:
 //! - 0xE0-0xE3: a 32-bit scratch register, read back as written at any
 //!   width (0xE8-0xEB is the same register, accessed a byte at a time);
 //! - 0xE4-0xE7: "flush page" (QEMU re-protects the written page of host
 //!   memory to force a KVM fault); writes are ignored here;
 //! - 0x2000-0x2017: interrupt lines: a byte write of v to 0x2000 + n sets
 //!   ISA/GSI line n (0..23) to `v != 0`.
+//!
+//! - 0xFF000000-0xFF00FFFF ("testdev-iomem", kvm-unit-tests'
+//!   IORAM_BASE_PHYS): 64 KiB that read back as written, at any width. It is
+//!   an MMIO region, not RAM, so that every access to it is emulated (an
+//!   exit on KVM, an MMIO access on the interpreter): the tests exercise
+//!   instruction emulation with it.
 //!
 //! Reads of the flush and IRQ ports (which QEMU does not implement) return
 //! all ones.
@@ -23,6 +29,11 @@ pub const TESTDEV_IOPORT_PORTS: u64 = 12;
 pub const TESTDEV_IRQ_PORT: u64 = 0x2000;
 /// Lines (and ports) of the IRQ line block.
 pub const TESTDEV_IRQ_LINES: u64 = 24;
+
+/// Guest-physical base of the MMIO buffer (QEMU's "testdev-iomem").
+pub const TESTDEV_IOMEM_BASE: u64 = 0xFF00_0000;
+/// Size of the MMIO buffer.
+pub const TESTDEV_IOMEM_SIZE: u64 = 0x1_0000;
 
 /// Offsets in the scratch / flush block.
 const FLUSH_PAGE: std::ops::Range<u64> = 4..8;
@@ -100,6 +111,88 @@ impl BusDevice for TestdevIoport {
             "pc-testdev @{TESTDEV_IOPORT:#x}: data={:#010x}, {} flush-page writes\n",
             self.st.data, self.st.flushes
         )
+    }
+}
+
+/// What the MMIO buffer holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestdevIomemState {
+    /// The buffer, [`TESTDEV_IOMEM_SIZE`] bytes.
+    pub buf: Vec<u8>,
+}
+
+/// pc-testdev's 64 KiB read/write MMIO buffer at [`TESTDEV_IOMEM_BASE`].
+#[derive(Debug)]
+pub struct TestdevIomem {
+    st: TestdevIomemState,
+}
+
+impl Default for TestdevIomem {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestdevIomem {
+    /// A zeroed buffer (QEMU allocates it zeroed).
+    pub fn new() -> Self {
+        TestdevIomem {
+            st: TestdevIomemState {
+                buf: vec![0; TESTDEV_IOMEM_SIZE as usize],
+            },
+        }
+    }
+
+    pub fn save_state(&self) -> TestdevIomemState {
+        self.st.clone()
+    }
+
+    /// Restores `state`; a buffer of another size is cut or zero-padded to
+    /// [`TESTDEV_IOMEM_SIZE`].
+    pub fn restore_state(&mut self, state: TestdevIomemState) {
+        let mut buf = state.buf;
+        buf.resize(TESTDEV_IOMEM_SIZE as usize, 0);
+        self.st.buf = buf;
+    }
+
+    /// The byte at `offset` (`None` outside the buffer).
+    fn byte_mut(&mut self, offset: u64, i: usize) -> Option<&mut u8> {
+        let off = usize::try_from(offset.checked_add(i as u64)?).ok()?;
+        self.st.buf.get_mut(off)
+    }
+}
+
+impl BusDevice for TestdevIomem {
+    fn name(&self) -> &'static str {
+        "pc-testdev-iomem"
+    }
+
+    /// Bytes beyond the buffer (an access straddling its end) read as all
+    /// ones, as unassigned memory does.
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = self.byte_mut(offset, i).map_or(0xFF, |b| *b);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, &v) in data.iter().enumerate() {
+            if let Some(b) = self.byte_mut(offset, i) {
+                *b = v;
+            }
+        }
+    }
+
+    fn dump(&self) -> String {
+        let nonzero = self.st.buf.iter().filter(|&&b| b != 0).count();
+        let mut out = format!(
+            "pc-testdev iomem @{TESTDEV_IOMEM_BASE:#x} ({TESTDEV_IOMEM_SIZE:#x} bytes): {nonzero} non-zero bytes; first 16:"
+        );
+        for b in self.st.buf.iter().take(16) {
+            let _ = write!(out, " {b:02x}");
+        }
+        out.push('\n');
+        out
     }
 }
 
@@ -265,6 +358,67 @@ mod tests {
         assert_eq!(v[0], (0, true));
         assert_eq!(v[1], (1, false));
         assert_eq!(v[2], (2, true));
+    }
+
+    #[test]
+    fn iomem_reads_back_as_written_at_every_width() {
+        let mut m = TestdevIomem::new();
+        let mut b8 = [0u8; 8];
+        m.read(0x100, &mut b8);
+        assert_eq!(b8, [0; 8], "starts zeroed");
+        // 1, 2, 4 and 8 bytes, unaligned, overlapping.
+        m.write(0x101, &0x1122_3344_5566_7788u64.to_le_bytes());
+        m.read(0x101, &mut b8);
+        assert_eq!(u64::from_le_bytes(b8), 0x1122_3344_5566_7788);
+        m.write(0x103, &[0xAA, 0xBB]);
+        let mut b4 = [0u8; 4];
+        m.read(0x102, &mut b4);
+        assert_eq!(u32::from_le_bytes(b4), 0x44BB_AA77);
+        let mut b1 = [0u8; 1];
+        m.write(0xFFFF, &[0x5A]);
+        m.read(0xFFFF, &mut b1);
+        assert_eq!(b1[0], 0x5A);
+        // Straddling the end: the part inside is kept, the rest floats.
+        m.write(0xFFFE, &[1, 2, 3, 4]);
+        m.read(0xFFFE, &mut b4);
+        assert_eq!(b4, [1, 2, 0xFF, 0xFF]);
+        assert!(m.dump().contains("0xff000000"));
+        let saved = m.save_state();
+        let mut n = TestdevIomem::new();
+        n.restore_state(saved.clone());
+        assert_eq!(n.save_state(), saved);
+        n.restore_state(TestdevIomemState { buf: vec![7; 3] });
+        assert_eq!(n.save_state().buf.len(), TESTDEV_IOMEM_SIZE as usize);
+    }
+
+    #[test]
+    fn iomem_fuzz_matches_a_byte_array() {
+        let mut m = TestdevIomem::new();
+        let mut model = vec![0u8; TESTDEV_IOMEM_SIZE as usize];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 17) as usize;
+            let off = (x >> 8) % (TESTDEV_IOMEM_SIZE + 32);
+            let bytes = [(x >> 24) as u8; 16];
+            if x & (1 << 50) != 0 {
+                m.write(off, &bytes[..len]);
+                for (i, &v) in bytes[..len].iter().enumerate() {
+                    if let Some(b) = model.get_mut(off as usize + i) {
+                        *b = v;
+                    }
+                }
+            } else {
+                let mut b = [0u8; 16];
+                m.read(off, &mut b[..len]);
+                for (i, v) in b[..len].iter().enumerate() {
+                    assert_eq!(*v, *model.get(off as usize + i).unwrap_or(&0xFF));
+                }
+            }
+        }
+        assert_eq!(m.save_state().buf, model);
     }
 
     #[test]
