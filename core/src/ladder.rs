@@ -20,6 +20,20 @@ use crate::cpu::Event;
 use crate::trace::{Blocker, LadderAction, LadderEvent, TraceEvent, Tracer};
 use crate::vcpu::{Readiness, Vcpu, VcpuResult};
 
+/// What INIT / SIPI ask of a processor (the LAPIC took the APIC's part).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// Nothing: run on.
+    Run,
+    /// An INIT on the BSP: reset the processor and run from the reset vector.
+    Init,
+    /// In wait-for-SIPI (after `init`, reset the processor first): run
+    /// nothing until a SIPI.
+    WaitForSipi { init: bool },
+    /// A SIPI in wait-for-SIPI: start in real mode at `vector << 12`.
+    Sipi(u8),
+}
+
 /// The interrupt controllers as one vCPU sees them.
 pub trait InterruptSource: Send + Sync {
     /// An NMI waits for this vCPU (LINT1, an NMI IPI, IOAPIC NMI delivery).
@@ -44,20 +58,10 @@ pub trait InterruptSource: Send + Sync {
     }
     /// A MOV to CR8 the processor reported.
     fn set_cr8(&self, _vcpu: u32, _cr8: u64) {}
-    /// Takes a pending INIT (SDM vol. 3, 9.4 and 11.6.1): the controllers
-    /// apply it to the LAPIC and the run loop resets the processor; an
-    /// application processor then waits for a start-up IPI.
-    fn take_init(&self, _vcpu: u32) -> bool {
-        false
-    }
-    /// The processor is in wait-for-SIPI: it runs nothing until a SIPI.
-    fn wait_for_sipi(&self, _vcpu: u32) -> bool {
-        false
-    }
-    /// Takes a start-up IPI received in wait-for-SIPI: its vector (the
-    /// processor starts at `vector << 12`).
-    fn take_sipi(&self, _vcpu: u32) -> Option<u8> {
-        None
+    /// What INIT and start-up IPIs ask of the processor at this boundary
+    /// (SDM vol. 3, 9.4 and 11.6.1), taking them; one look per entry.
+    fn take_startup(&self, _vcpu: u32) -> Startup {
+        Startup::Run
     }
     /// For the trace: the highest requested vector the task / processor
     /// priority holds back (SDM vol. 3, 11.8.3.1), with the PPR.

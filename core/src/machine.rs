@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::control::{MachineControl, StopRequest};
 use crate::cpu::{Regs, Sregs, VcpuState};
 use crate::irq::IsaIrqRouter;
-use crate::ladder::{self, InterruptSource};
+use crate::ladder::{self, InterruptSource, Startup};
 use crate::memory::GuestMemory;
 use crate::timer::TimerSet;
 use crate::vcpu::{Doorbell, Vcpu, VcpuError, VcpuExit};
@@ -334,29 +334,33 @@ impl Machine {
         }
         // INIT and start-up IPIs (SDM vol. 3, 9.4.4 and 11.6.1): the LAPIC
         // took them; the processor's state follows here.
-        if self.interrupts.take_init(id) {
-            let apic_base = vcpu.get_sregs()?.apic_base;
-            vcpu.set_state(&VcpuState::after_init(id == 0, apic_base, INIT_SIGNATURE))?;
-            l.halted = None;
-        }
-        if self.interrupts.wait_for_sipi(id) {
-            match self.interrupts.take_sipi(id) {
-                Some(vector) => {
+        match self.interrupts.take_startup(id) {
+            Startup::Run => {}
+            Startup::Init => {
+                let apic_base = vcpu.get_sregs()?.apic_base;
+                vcpu.set_state(&VcpuState::after_init(id == 0, apic_base, INIT_SIGNATURE))?;
+                l.halted = None;
+            }
+            Startup::Sipi(vector) => {
+                let apic_base = vcpu.get_sregs()?.apic_base;
+                let mut st = VcpuState::after_init(false, apic_base, INIT_SIGNATURE);
+                st.start_at_sipi(vector);
+                vcpu.set_state(&st)?;
+                l.halted = None;
+            }
+            Startup::WaitForSipi { init } => {
+                if init {
                     let apic_base = vcpu.get_sregs()?.apic_base;
-                    let mut st = VcpuState::after_init(false, apic_base, INIT_SIGNATURE);
-                    st.start_at_sipi(vector);
-                    vcpu.set_state(&st)?;
+                    vcpu.set_state(&VcpuState::after_init(false, apic_base, INIT_SIGNATURE))?;
                     l.halted = None;
                 }
-                None => {
-                    if !blocking {
-                        return Ok(Turn::Idle { deadline: None });
-                    }
-                    if !l.bell.take() {
-                        l.bell.wait(Some(Duration::from_millis(100)));
-                    }
-                    return Ok(Turn::Ran);
+                if !blocking {
+                    return Ok(Turn::Idle { deadline: None });
                 }
+                if !l.bell.take() {
+                    l.bell.wait(Some(Duration::from_millis(100)));
+                }
+                return Ok(Turn::Ran);
             }
         }
         if let Some(if_flag) = l.halted {

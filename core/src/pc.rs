@@ -154,14 +154,8 @@ impl InterruptSource for PcInterrupts {
     fn held_by_priority(&self, vcpu: u32) -> Option<(u8, u8)> {
         self.router.held_by_priority(vcpu)
     }
-    fn take_init(&self, vcpu: u32) -> bool {
-        InterruptSource::take_init(&*self.router, vcpu)
-    }
-    fn wait_for_sipi(&self, vcpu: u32) -> bool {
-        InterruptSource::wait_for_sipi(&*self.router, vcpu)
-    }
-    fn take_sipi(&self, vcpu: u32) -> Option<u8> {
-        InterruptSource::take_sipi(&*self.router, vcpu)
+    fn take_startup(&self, vcpu: u32) -> crate::ladder::Startup {
+        self.router.take_startup(vcpu)
     }
 }
 

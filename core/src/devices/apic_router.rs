@@ -377,6 +377,12 @@ impl ApicRouter {
             .flatten()
     }
 
+    /// INIT and SIPI for `vcpu` under one lock (see [`Lapic::take_startup`]).
+    pub fn take_startup(&self, vcpu: u32) -> crate::ladder::Startup {
+        self.with_lapic(Self::index(vcpu), |l| l.take_startup())
+            .unwrap_or(crate::ladder::Startup::Run)
+    }
+
     // ----- timers and dumps -----------------------------------------------
 
     /// One [`TimerDevice`] per LAPIC timer that also rings its vCPU's
@@ -444,19 +450,8 @@ impl InterruptSource for ApicRouter {
             .unwrap_or(false)
     }
 
-    fn take_init(&self, vcpu: u32) -> bool {
-        self.with_lapic(Self::index(vcpu), |l| l.take_init())
-            .unwrap_or(false)
-    }
-
-    fn wait_for_sipi(&self, vcpu: u32) -> bool {
-        self.with_lapic(Self::index(vcpu), |l| l.wait_for_sipi())
-            .unwrap_or(false)
-    }
-
-    fn take_sipi(&self, vcpu: u32) -> Option<u8> {
-        self.with_lapic(Self::index(vcpu), |l| l.take_sipi())
-            .flatten()
+    fn take_startup(&self, vcpu: u32) -> crate::ladder::Startup {
+        ApicRouter::take_startup(self, vcpu)
     }
 
     fn ack_nmi(&self, vcpu: u32) {
@@ -795,6 +790,25 @@ mod tests {
         // The BSP is not in wait-for-SIPI.
         ipi(&t.router, 1, 0, 0x4600 | 0x9A);
         assert_eq!(t.router.take_sipi(0), None);
+        // The run loop's one look: INIT and SIPI that both arrived before the
+        // AP ran again start it at the SIPI page; an INIT alone makes it
+        // wait; the BSP's INIT resets it; then nothing.
+        use crate::ladder::Startup;
+        ipi(&t.router, 0, 1, 0xC500);
+        ipi(&t.router, 0, 1, 0x4600 | 0x10);
+        assert_eq!(t.router.take_startup(1), Startup::Sipi(0x10));
+        ipi(&t.router, 0, 1, 0xC500);
+        assert_eq!(
+            t.router.take_startup(1),
+            Startup::WaitForSipi { init: true }
+        );
+        assert_eq!(
+            t.router.take_startup(1),
+            Startup::WaitForSipi { init: false }
+        );
+        ipi(&t.router, 1, 0, 0xC500);
+        assert_eq!(t.router.take_startup(0), Startup::Init);
+        assert_eq!(t.router.take_startup(0), Startup::Run);
     }
 
     #[test]

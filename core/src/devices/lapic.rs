@@ -1002,6 +1002,24 @@ impl Lapic {
         std::mem::take(&mut self.s.init_pending)
     }
 
+    /// INIT and SIPI for the processor, taken together (one look per
+    /// entry on the run loop's path).
+    pub fn take_startup(&mut self) -> crate::ladder::Startup {
+        use crate::ladder::Startup;
+        let init = self.take_init();
+        if self.s.wait_for_sipi {
+            return match self.take_sipi() {
+                Some(v) => Startup::Sipi(v),
+                None => Startup::WaitForSipi { init },
+            };
+        }
+        if init {
+            Startup::Init
+        } else {
+            Startup::Run
+        }
+    }
+
     pub fn sipi_pending(&self) -> bool {
         self.s.sipi_vector.is_some()
     }
