@@ -300,8 +300,9 @@ fn pit_catchup_policy() {
 /// offers here (`--cpu kvm`) prints the same leaves as KVM itself, and its
 /// own model passes the same checks. PVM answers the feature leaves (1, 7,
 /// 0xD) and leaves beyond the maximum from the hardware instead of
-/// KVM_SET_CPUID2 (measured; DEVELOPERS.md), so there only the interpreter
-/// halves run.
+/// KVM_SET_CPUID2 (measured; DEVELOPERS.md): there `--cpu kvm` is what a
+/// probe VM saw, so the leaves still match, but the guest's checks of
+/// Tandem's model (no AVX, the XSAVE size) fail on both alike.
 #[test]
 fn cpuid_is_one_processor_on_both_backends() {
     let own = run("cpuid", &[], "interp", Chip::User);
@@ -311,24 +312,19 @@ fn cpuid_is_one_processor_on_both_backends() {
         return;
     }
     let interp = run("cpuid", &["--cpu", "kvm"], "interp", Chip::User);
-    interp.assert_all_passed();
     let leaves = |r: &Run| -> Vec<String> {
         r.stdout
             .lines()
-            .filter(|l| l.starts_with("cpuid "))
+            .filter(|l| l.starts_with("cpuid ") || l.starts_with("PASS") || l.starts_with("FAIL"))
             .map(str::to_string)
             .collect()
     };
     assert!(leaves(&interp).len() > 10, "{}", interp.stdout);
-    if host_is_pvm() {
-        println!(
-            "SKIP (PVM answers CPUID feature leaves from the hardware): \
-             cpuid_is_one_processor_on_both_backends (kvm comparison)"
-        );
-        return;
-    }
     let kvm = run("cpuid", &[], "kvm", Chip::User);
-    kvm.assert_all_passed();
+    if !host_is_pvm() {
+        interp.assert_all_passed();
+        kvm.assert_all_passed();
+    }
     assert_eq!(leaves(&interp), leaves(&kvm), "interp --cpu kvm vs kvm");
 }
 

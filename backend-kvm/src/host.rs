@@ -88,18 +88,20 @@ pub struct HostInfo {
     pub cpuid: Vec<(u32, u32, u32, u32, u32, u32)>,
 }
 
-/// Opens /dev/kvm and reads what Tandem needs to know.
-/// The CPUID table a VM with `vcpus` vCPUs gets on this host (KVM's
-/// supported list cut to Tandem's model), without creating a VM.
+/// The CPUID a guest of a VM with `vcpus` vCPUs sees on this host (KVM's
+/// supported list cut to Tandem's model; on PVM what a probe measured),
+/// without creating the guest's VM.
 pub fn offered_cpuid(vcpus: u32) -> Result<tandem_core::cpuid::CpuidTable, KvmError> {
     let kvm =
         Kvm::new().map_err(|e| KvmError::Open(std::io::Error::from_raw_os_error(e.errno())))?;
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(crate::ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(crate::cpuid::platform_table(&supported, vcpus.max(1)))
+    let table = crate::cpuid::platform_table(&supported, vcpus.max(1));
+    crate::visible_cpuid(&kvm, detect_flavour(), &table)
 }
 
+/// Opens /dev/kvm and reads what Tandem needs to know.
 pub fn host_info() -> Result<HostInfo, KvmError> {
     let kvm =
         Kvm::new().map_err(|e| KvmError::Open(std::io::Error::from_raw_os_error(e.errno())))?;

@@ -10,6 +10,7 @@ mod cpuid;
 mod host;
 mod kernel_irqchip;
 mod kick;
+mod probe;
 mod state;
 
 use std::os::fd::AsRawFd;
@@ -54,6 +55,8 @@ pub enum KvmError {
     MissingCap(&'static str),
     #[error("CPUID table rejected: {0}")]
     Cpuid(String),
+    #[error("CPUID probe: {0}")]
+    Probe(String),
 }
 
 fn ioctl_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -90,6 +93,8 @@ pub struct KvmVm {
     vm: Arc<VmFd>,
     kernel_irqchip: bool,
     cpuid: tandem_core::cpuid::CpuidTable,
+    /// What the guest sees: `cpuid`, or on PVM the probed answers.
+    visible_cpuid: tandem_core::cpuid::CpuidTable,
     flavour: KvmFlavour,
     _mem: Arc<GuestMemory>,
 }
@@ -193,11 +198,13 @@ impl KvmVm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpuid = cpuid::platform_table(&supported, opts.vcpus.max(1));
+        let visible_cpuid = visible_cpuid(&kvm, flavour, &cpuid)?;
         Ok(KvmVm {
             kvm,
             vm: Arc::new(vm),
             kernel_irqchip: opts.kernel_irqchip,
             cpuid,
+            visible_cpuid,
             flavour,
             _mem: mem,
         })
@@ -207,10 +214,17 @@ impl KvmVm {
         self.flavour
     }
 
-    /// The CPUID table every vCPU of this VM gets (KVM's supported list cut
-    /// to Tandem's processor model); give the same table to an interpreter
-    /// that runs this VM's guest, so both are one processor.
+    /// The CPUID this VM's guest sees: the table every vCPU gets (KVM's
+    /// supported list cut to Tandem's processor model) or, on PVM, which
+    /// answers some leaves from the hardware, what a probe saw. Give it to
+    /// an interpreter that runs this VM's guest, so both are one processor.
     pub fn cpuid_table(&self) -> &tandem_core::cpuid::CpuidTable {
+        &self.visible_cpuid
+    }
+
+    /// The table KVM_SET_CPUID2 gives every vCPU (differs from
+    /// `cpuid_table` on PVM only).
+    pub fn requested_cpuid(&self) -> &tandem_core::cpuid::CpuidTable {
         &self.cpuid
     }
 
@@ -269,6 +283,21 @@ impl KvmVm {
             exit: PendingExit::None,
             window: false,
         })
+    }
+}
+
+/// The CPUID a guest of `flavour` sees when its vCPUs get `table`: the
+/// table itself, except on PVM, whose answers a scratch VM measures
+/// (probe.rs).
+pub(crate) fn visible_cpuid(
+    kvm: &Kvm,
+    flavour: KvmFlavour,
+    table: &tandem_core::cpuid::CpuidTable,
+) -> Result<tandem_core::cpuid::CpuidTable, KvmError> {
+    if flavour == KvmFlavour::Pvm {
+        probe::guest_visible_cpuid(kvm, table)
+    } else {
+        Ok(table.clone())
     }
 }
 

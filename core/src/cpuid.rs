@@ -112,6 +112,10 @@ pub fn xsave_size(xcr0: u64) -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CpuidTable {
     pub entries: Vec<CpuidEntry>,
+    /// What a leaf beyond the basic maximum answers when the processor
+    /// does not follow Intel's highest-basic-leaf rule (PVM answers such
+    /// leaves from the hardware); `None` follows the rule.
+    pub beyond_max: Option<[u32; 4]>,
 }
 
 /// Leaves the table describes with a significant subleaf.
@@ -222,7 +226,10 @@ impl CpuidTable {
             0,
             [model::MAXPHYADDR | (model::MAXLINADDR << 8), 0, 0, 0],
         ));
-        CpuidTable { entries: e }
+        CpuidTable {
+            entries: e,
+            beyond_max: None,
+        }
     }
 
     /// The table for a KVM host: its supported list cut down to the model.
@@ -297,7 +304,10 @@ impl CpuidTable {
         if max_basic >= 0x1f {
             out.extend(topology(0x1f, vcpus));
         }
-        CpuidTable { entries: out }
+        CpuidTable {
+            entries: out,
+            beyond_max: None,
+        }
     }
 
     fn find(&self, function: u32, index: u32) -> Option<&CpuidEntry> {
@@ -322,6 +332,9 @@ impl CpuidTable {
             leaf <= max_basic
         };
         if !in_range && leaf & 0x4000_0000 == 0 {
+            if let Some(r) = self.beyond_max {
+                return r;
+            }
             return self.raw(max_basic, sub);
         }
         match self.find(leaf, sub) {
