@@ -7,8 +7,8 @@
 #   scripts/linux-guest.sh [OUTDIR]        (default: target/linux-guest)
 #
 # Produces OUTDIR/vmlinuz-cloud, OUTDIR/vmlinuz-generic, OUTDIR/vmlinux-cloud
-# (the uncompressed ELF, booted through its PVH entry) and
-# OUTDIR/initramfs.cpio.gz. Packages come from the machine's apt sources with
+# and OUTDIR/vmlinux-generic (the uncompressed ELFs, booted through their PVH
+# entry) and OUTDIR/initramfs.cpio.gz. Packages come from the machine's apt sources with
 # `apt-get download` (no root needed); nothing is installed. Runs again only
 # what is missing.
 set -eu
@@ -70,6 +70,7 @@ PY
     echo "linux-guest.sh: $OUT/$2 (the ELF inside $1)"
 }
 extract_vmlinux vmlinuz-cloud vmlinux-cloud
+extract_vmlinux vmlinuz-generic vmlinux-generic
 
 if [ ! -s "$OUT/initramfs.cpio.gz" ]; then
     (cd "$WORK" && apt-get download busybox-static 2>&1 | grep -v "unsandboxed" || true)

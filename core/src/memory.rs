@@ -5,7 +5,8 @@
 //! here. RAM starts at guest-physical 0. Like QEMU's `pc` machine, RAM that
 //! would overlap the 32-bit PCI / APIC hole is placed above 4 GiB instead.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use memmap2::MmapMut;
 use thiserror::Error;
@@ -50,6 +51,7 @@ pub struct GuestMemory {
     ptr: *mut u8,
     size: u64,
     regions: Vec<RamRegion>,
+    code: CodeWatch,
 }
 
 // SAFETY: the mapping is owned for the lifetime of `GuestMemory` and never
@@ -94,12 +96,20 @@ impl GuestMemory {
                 offset: LOW_RAM_END,
             });
         }
+        let end = regions.last().map_or(0, RamRegion::end);
         Ok(GuestMemory {
             map,
             ptr,
             size,
             regions,
+            code: CodeWatch::new(end),
         })
+    }
+
+    /// Which pages processors cache decoded instructions from, and the
+    /// writes to them other processors must see (cross-modifying code).
+    pub fn code_watch(&self) -> &CodeWatch {
+        &self.code
     }
 
     /// Total RAM in bytes.
@@ -212,9 +222,150 @@ impl GuestMemory {
     }
 }
 
+/// Writes [`CodeWatch`] remembers; a processor that falls further behind
+/// drops all its cached code.
+const CODE_LOG_LEN: u64 = 64;
+
+/// Cross-modifying code (SDM vol. 3, 8.1.3) for processors that cache
+/// decoded instructions (the interpreter, one cache per vCPU). A processor
+/// notes each page it caches code from; a write by any processor to such a
+/// page is logged, and every other processor drops its copies of that page
+/// when it next enters the guest (`changes_since`), so code another vCPU
+/// patched is seen at the latest after the interrupt or exit that follows —
+/// what Linux's `text_poke_bp` relies on (INT3, IPI to serialize, new
+/// bytes, IPI): a vCPU that kept the INT3 cached would take it forever.
+///
+/// Logging clears the page's bit: the next processor to decode from it
+/// sets it again. In deterministic mode the vCPUs take turns on one thread
+/// and this is exact; with one thread per vCPU a decode racing a write by
+/// nanoseconds can miss it (no fence on the write path, which every guest
+/// store takes).
+pub struct CodeWatch {
+    /// One bit per 4 KiB guest-physical page below the end of RAM.
+    pages: Vec<AtomicU64>,
+    /// Writes logged so far.
+    seq: AtomicU64,
+    /// The last `CODE_LOG_LEN` writes: (page number, writer), at
+    /// `seq % CODE_LOG_LEN`.
+    log: Mutex<[(u64, u64); CODE_LOG_LEN as usize]>,
+}
+
+impl std::fmt::Debug for CodeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CodeWatch")
+            .field("seq", &self.seq.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl CodeWatch {
+    fn new(end: u64) -> Self {
+        let pages = end.div_ceil(4096).div_ceil(64) as usize;
+        CodeWatch {
+            pages: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            seq: AtomicU64::new(0),
+            log: Mutex::new([(0, 0); CODE_LOG_LEN as usize]),
+        }
+    }
+
+    /// The word and bit of the page holding `gpa`, if it is tracked.
+    fn bit(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
+        let page = gpa >> 12;
+        let word = self.pages.get(usize::try_from(page / 64).ok()?)?;
+        Some((word, 1 << (page % 64)))
+    }
+
+    /// A processor is about to cache instructions decoded from the page
+    /// holding `gpa` (call before reading the bytes).
+    pub fn note_code(&self, gpa: u64) {
+        if let Some((w, b)) = self.bit(gpa) {
+            if w.load(Ordering::Relaxed) & b == 0 {
+                w.fetch_or(b, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Processor `writer` wrote guest memory at `gpa` (after the write):
+    /// logs it if some processor caches code from that page. Returns
+    /// whether it did.
+    pub fn note_write(&self, gpa: u64, writer: u64) -> bool {
+        let Some((w, b)) = self.bit(gpa) else {
+            return false;
+        };
+        if w.load(Ordering::Relaxed) & b == 0 {
+            return false;
+        }
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        w.fetch_and(!b, Ordering::SeqCst);
+        let n = self.seq.load(Ordering::Relaxed);
+        log[(n % CODE_LOG_LEN) as usize] = (gpa >> 12, writer);
+        self.seq.store(n + 1, Ordering::Release);
+        true
+    }
+
+    /// The number of writes logged so far: where a new processor starts.
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Calls `drop` with the address of each page processors other than
+    /// `me` wrote since `*seen` (`None`: more than the log holds, drop
+    /// everything), and moves `*seen` to now.
+    pub fn changes_since(&self, seen: &mut u64, me: u64, mut drop: impl FnMut(Option<u64>)) {
+        if self.seq.load(Ordering::Acquire) == *seen {
+            return;
+        }
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.seq.load(Ordering::Relaxed);
+        if now.wrapping_sub(*seen) > CODE_LOG_LEN {
+            drop(None);
+        } else {
+            for i in *seen..now {
+                let (page, writer) = log[(i % CODE_LOG_LEN) as usize];
+                if writer != me {
+                    drop(Some(page << 12));
+                }
+            }
+        }
+        *seen = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_watch_logs_writes_to_code_pages_for_the_other_processors() {
+        let m = GuestMemory::new(1 << 20).unwrap();
+        let w = m.code_watch();
+        let (mut seen_a, mut seen_b) = (w.seq(), w.seq());
+        // A page nobody decoded from: nothing logged.
+        assert!(!w.note_write(0x3000, 1));
+        w.note_code(0x5123);
+        assert!(w.note_write(0x5ff8, 1));
+        // Logged once: the bit is clear until someone decodes again.
+        assert!(!w.note_write(0x5000, 1));
+        let mut dropped = Vec::new();
+        w.changes_since(&mut seen_b, 2, |p| dropped.push(p));
+        assert_eq!(dropped, vec![Some(0x5000)]);
+        dropped.clear();
+        // The writer skips its own write; nothing new later.
+        w.changes_since(&mut seen_a, 1, |p| dropped.push(p));
+        w.changes_since(&mut seen_b, 2, |p| dropped.push(p));
+        assert!(dropped.is_empty());
+        assert_eq!((seen_a, seen_b), (1, 1));
+        // A processor that falls behind the log drops everything.
+        for page in 0..=CODE_LOG_LEN {
+            w.note_code(page << 12);
+            assert!(w.note_write(page << 12, 1));
+        }
+        w.changes_since(&mut seen_b, 2, |p| dropped.push(p));
+        assert_eq!(dropped, vec![None]);
+        // Outside RAM is not tracked (and no panic).
+        w.note_code(u64::MAX);
+        assert!(!w.note_write(u64::MAX, 1));
+    }
 
     #[test]
     fn rejects_bad_sizes() {

@@ -495,6 +495,9 @@ impl Session {
             if mem.write(pa, &data[done..done + n]).is_err() {
                 break;
             }
+            // Other vCPUs' decode caches drop the page at their next entry
+            // (writer u64::MAX: no vCPU, so none skips it).
+            mem.code_watch().note_write(pa, u64::MAX);
             done += n;
         }
         if done > 0 {

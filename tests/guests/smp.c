@@ -4,7 +4,12 @@
  * reads its APIC ID, records it and sends a fixed IPI back to the BSP
  * through the x2APIC ICR, vector 0x50 + its ID (a vector per AP: IPIs
  * with one vector that arrive while the BSP is not taking interrupts
- * merge in its IRR); then it halts with interrupts off.
+ * merge in its IRR). Then it spins on `mov $0, %dl` with CPUID (serializing)
+ * in the loop until it runs the immediate 1 the BSP writes into that
+ * instruction (cross-modifying code, SDM vol. 3, 8.1.3: the AP must see
+ * the new code after a serializing instruction, although it has run, and
+ * an interpreter has cached, the old one many times); then it halts with
+ * interrupts off.
  *
  * The number of processors comes from CPUID leaf 0xB (the core level's
  * logical processor count). Run with `--smp N`; with one processor there
@@ -16,9 +21,13 @@
 #define TRAMPOLINE 0x8000u /* SIPI vector 0x08 */
 #define AP_COUNT 0x8400u   /* dword: APs that ran */
 #define AP_IDS 0x8480u     /* dword per APIC ID: the ID the AP read */
+#define AP_PATCHED 0x8404u /* dword: APs that ran the patched instruction */
+/* Dword per APIC ID: rounds of the patch loop, on another page than the
+ * code (a write to the code's page would make an interpreter drop it). */
+#define AP_SPINS 0x9000u
 #define IPI_VECTOR 0x50
 
-extern const uint8_t ap_trampoline[], ap_trampoline_end[];
+extern const uint8_t ap_trampoline[], ap_trampoline_end[], ap_patch_site[];
 
 /* 16-bit code, copied to TRAMPOLINE: it uses only absolute low addresses. */
 __asm__(".pushsection .rodata\n"
@@ -41,6 +50,15 @@ __asm__(".pushsection .rodata\n"
         "  xor %edx, %edx\n"
         "  lea 0x50(%ebx), %eax\n"
         "  wrmsr\n"
+        "  mov %ebx, %esi\n"
+        "2: addr32 lock incl 0x9000(,%esi,4)\n"
+        "  xor %eax, %eax\n"
+        "  cpuid\n"
+        "ap_patch_site:\n"
+        "  mov $0, %dl\n" /* b2 00: the BSP makes the immediate 1 */
+        "  cmp $1, %dl\n"
+        "  jne 2b\n"
+        "  lock incl 0x8404\n"
         "1: cli\n"
         "  hlt\n"
         "  jmp 1b\n"
@@ -84,8 +102,11 @@ int main(void)
     for (const uint8_t *p = ap_trampoline; p < ap_trampoline_end; p++)
         *dst++ = *p;
     *(volatile uint32_t *)(uintptr_t)AP_COUNT = 0;
-    for (uint32_t i = 0; i < 32; i++)
+    *(volatile uint32_t *)(uintptr_t)AP_PATCHED = 0;
+    for (uint32_t i = 0; i < 32; i++) {
         ((volatile uint32_t *)(uintptr_t)AP_IDS)[i] = 0xffffffff;
+        ((volatile uint32_t *)(uintptr_t)AP_SPINS)[i] = 0;
+    }
 
     pic_mask_all();
     for (uint32_t i = 1; i < ncpu; i++)
@@ -105,6 +126,20 @@ int main(void)
     }
     while (ipis < (int)ncpu - 1 && ticks < 2000)
         wait_irq();
+
+    /* Once every AP has run the loop a few times, patch it. The BSP
+     * polls with PAUSE instead of waiting for timer ticks: the APs spin
+     * without exits, so under a clock that only exits move (`tandem diff`
+     * on KVM) no tick would come; the bound is a count of polls. */
+    volatile uint32_t *spins = (volatile uint32_t *)(uintptr_t)AP_SPINS;
+    for (uint32_t id = 1; id < ncpu; id++)
+        for (uint32_t n = 0; spins[id] < 3 && n < 50000000u; n++)
+            __asm__ volatile("pause");
+    uint32_t patch = TRAMPOLINE + (uint32_t)(ap_patch_site - ap_trampoline) + 1;
+    *(volatile uint8_t *)(uintptr_t)patch = 1;
+    volatile uint32_t *patched = (volatile uint32_t *)(uintptr_t)AP_PATCHED;
+    for (uint32_t n = 0; *patched < ncpu - 1 && n < 50000000u; n++)
+        __asm__ volatile("pause");
     lapic_write(LAPIC_TIMER_INITIAL, 0);
 
     uint32_t ran = *(volatile uint32_t *)(uintptr_t)AP_COUNT;
@@ -118,5 +153,8 @@ int main(void)
 
     ok = expect("IPIs from the APs", ipis, ncpu - 1);
     report("fixed IPIs AP -> BSP arrive, one per AP", ok);
+
+    ok = expect("APs that ran the patched instruction", *patched, ncpu - 1);
+    report("cross-modifying code: each AP runs the instruction the BSP rewrote", ok);
     return 0;
 }
