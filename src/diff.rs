@@ -18,6 +18,13 @@
 //! by one quantum per port-I/O, MMIO or machine-MSR exit and jump to the
 //! next timer deadline in HLT. Timers therefore fire at the same exit
 //! boundaries on both.
+//!
+//! `--smp N`: both sides get N vCPUs. The interpreter's take turns on one
+//! thread (deterministic); KVM's are threads, so the order of events across
+//! vCPUs is the host scheduler's. Each vCPU's ordered writes and deliveries
+//! are therefore compared on their own (trace events carry their vCPU), the
+//! fixed IPIs it received from other vCPUs as a set, and the serial output
+//! and end status as with one vCPU.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +64,11 @@ pub struct DiffArgs {
     pub devices: bool,
     /// Documented divergences count as divergences (status 1).
     pub strict: bool,
+    /// vCPUs on each side (`--smp`): the BSP starts at the entry, the
+    /// others wait for INIT / SIPI.
+    pub smp: u32,
+    /// Paced serial input for COM1 (`--input`).
+    pub input: Option<String>,
 }
 
 /// Runs `tandem diff` and returns the process status: 0 identical, 1
@@ -139,6 +151,8 @@ impl Obs {
 #[derive(Debug, Clone)]
 struct Stamped {
     obs: Obs,
+    /// The vCPU that made it.
+    cpu: u32,
     /// Index of its trace record in the side's records.
     record: usize,
     ns: u64,
@@ -214,7 +228,7 @@ fn build(
     let serial = SharedBuf::default();
     let pc = Pc::new(PcConfig {
         mem_size: args.mem,
-        vcpus: 1,
+        vcpus: args.smp.max(1),
         clock: ClockKind::Virtual,
         irqchip,
         lost_ticks: LostTickPolicy::Discard,
@@ -225,10 +239,22 @@ fn build(
         v.set_progress(GuestProgress::EXITS);
     }
     let mem = &pc.machine.mem;
-    write_acpi(mem, &AcpiConfig::new(1)).context("cannot write the ACPI tables")?;
-    write_mptable(mem, 1, MPTABLE_ADDR).context("cannot write the MP table")?;
+    let n = args.smp.max(1);
+    write_acpi(mem, &AcpiConfig::new(n)).context("cannot write the ACPI tables")?;
+    write_mptable(mem, n, MPTABLE_ADDR).context("cannot write the MP table")?;
     let boot = load_multiboot(mem, &image, append, &[])
         .with_context(|| format!("cannot load {}", args.guest.display()))?;
+    if let Some(text) = &args.input {
+        let mut uart = pc.serial.lock().unwrap_or_else(|p| p.into_inner());
+        uart.set_paced_input(true);
+        let taken = uart.push_input(text.as_bytes());
+        if taken < text.len() {
+            bail!(
+                "--input: {} bytes, the UART's input queue takes {taken}",
+                text.len()
+            );
+        }
+    }
     Ok((pc, serial, multiboot_entry_state(&boot)))
 }
 
@@ -262,30 +288,57 @@ fn run_side(
     };
     let (name, records, obs, end, last) = match kind {
         Kind::Interp => {
-            let cpuid = tandem_kvm::offered_cpuid(1)
-                .context("cannot read the CPUID KVM offers (the interpreter gets the same)")?;
-            let mut vcpu = tandem_interp::InterpVcpu::new(0, pc.machine.mem.clone());
-            vcpu.set_cpuid(Arc::new(cpuid));
-            vcpu.set_state(&state)
+            let n = args.smp.max(1);
+            let cpuid = Arc::new(
+                tandem_kvm::offered_cpuid(n)
+                    .context("cannot read the CPUID KVM offers (the interpreter gets the same)")?,
+            );
+            let mut vcpus: Vec<tandem_interp::InterpVcpu> = (0..n)
+                .map(|id| {
+                    let mut v = tandem_interp::InterpVcpu::new(id, pc.machine.mem.clone());
+                    v.set_cpuid(cpuid.clone());
+                    v
+                })
+                .collect();
+            // The BSP starts at the entry; the others wait for INIT / SIPI.
+            vcpus[0]
+                .set_state(&state)
                 .context("cannot load the entry state into the interpreter")?;
-            let (r, o, e, l) = drive(&pc, &mut vcpu, buf.as_ref(), args);
+            let (r, o, e, l) = if let [vcpu] = vcpus.as_mut_slice() {
+                drive(&pc, vcpu, buf.as_ref(), args)
+            } else {
+                let mut refs: Vec<&mut dyn Vcpu> =
+                    vcpus.iter_mut().map(|v| v as &mut dyn Vcpu).collect();
+                drive_round_robin(&pc, &mut refs, buf.as_ref(), args)
+            };
             ("interp", r, o, e, l)
         }
         Kind::Kvm { kernel_irqchip } => {
+            let n = args.smp.max(1);
             let vm = KvmVm::new(
                 pc.machine.mem.clone(),
                 &KvmVmOptions {
-                    vcpus: 1,
+                    vcpus: n,
                     kernel_irqchip,
                 },
             )
             .context("cannot create the KVM VM")?;
-            let mut vcpu = vm.create_vcpu(0).context("cannot create vCPU 0")?;
-            vcpu.set_state(&state)
-                .context("cannot load the entry state into KVM")?;
-            if let Some(khz) = vcpu.tsc_khz() {
-                pc.sync_tsc(&mut vcpu, khz)
-                    .context("cannot set the guest TSC")?;
+            let mut vcpus = Vec::new();
+            for id in 0..n {
+                let mut v = vm
+                    .create_vcpu(id)
+                    .with_context(|| format!("cannot create vCPU {id}"))?;
+                // The BSP starts at the entry; the others wait for INIT /
+                // SIPI in the run loop.
+                if id == 0 {
+                    v.set_state(&state)
+                        .context("cannot load the entry state into KVM")?;
+                }
+                if let Some(khz) = v.tsc_khz() {
+                    pc.sync_tsc(&mut v, khz)
+                        .context("cannot set the guest TSC")?;
+                }
+                vcpus.push(v);
             }
             if kernel_irqchip {
                 pc.machine.isa_irqs.connect(vm.kernel_irq_sink());
@@ -296,17 +349,23 @@ fn run_side(
                 .set(Arc::new(tandem_interp::InterpFallback::with_cpuid(
                     Arc::new(vm.cpuid_table().clone()),
                 )));
-            let (r, o, e, l) = drive(&pc, &mut vcpu, buf.as_ref(), args);
+            let (r, o, e, l) = if let [vcpu] = vcpus.as_mut_slice() {
+                drive(&pc, vcpu, buf.as_ref(), args)
+            } else {
+                drive_threads(&pc, &mut vcpus, buf.as_ref(), args)
+            };
             if let Some(out) = kvm_regs {
                 if kernel_irqchip {
                     out.extend(
                         vm.kernel_irqchip_registers()
                             .context("cannot read KVM's irqchip")?,
                     );
-                    out.extend(
-                        vcpu.kernel_lapic_registers()
-                            .context("cannot read KVM's LAPIC")?,
-                    );
+                    if let Some(vcpu) = vcpus.first() {
+                        out.extend(
+                            vcpu.kernel_lapic_registers()
+                                .context("cannot read KVM's LAPIC")?,
+                        );
+                    }
                 }
             }
             ("kvm", r, o, e, l)
@@ -324,6 +383,112 @@ fn run_side(
     })
 }
 
+/// The observations of a run, taken from the trace as it grows.
+#[derive(Default)]
+struct Collector {
+    records: Vec<TraceRecord>,
+    obs: Vec<Stamped>,
+    /// Per vCPU, the injection whose delivery is not recorded yet.
+    pending: std::collections::BTreeMap<u32, Obs>,
+}
+
+impl Collector {
+    /// Takes the records `buf` gathered since the last call. `turned`: the
+    /// vCPU whose turn made them, whose registers `ctx` reads (once, when
+    /// it made an observation).
+    fn take(
+        &mut self,
+        buf: &TraceBuffer,
+        turned: Option<u32>,
+        mut ctx: impl FnMut() -> Option<GuestContext>,
+    ) {
+        let fresh: Vec<TraceRecord> =
+            std::mem::take(&mut *buf.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut regs: Option<Option<GuestContext>> = None;
+        for rec in fresh {
+            let cpu = rec.event.cpu().unwrap_or(0);
+            let o = match &rec.event {
+                TraceEvent::PortWrite {
+                    port, size, value, ..
+                } => Some(Obs::PortWrite {
+                    port: *port,
+                    size: *size,
+                    value: *value,
+                }),
+                TraceEvent::MmioWrite {
+                    addr, len, value, ..
+                } => Some(Obs::MmioWrite {
+                    addr: *addr,
+                    len: *len,
+                    value: *value,
+                }),
+                TraceEvent::Inject {
+                    kind,
+                    vector,
+                    error_code,
+                    cs,
+                    rip,
+                    ..
+                } => {
+                    self.pending.insert(
+                        cpu,
+                        Obs::Delivery {
+                            kind: *kind,
+                            vector: *vector,
+                            error_code: *error_code,
+                            cs: *cs,
+                            rip: *rip,
+                        },
+                    );
+                    None
+                }
+                // Delivered: the processor ran after the injection.
+                TraceEvent::Deliver { .. } => self.pending.remove(&cpu),
+                _ => None,
+            };
+            if let Some(o) = o {
+                let ctx = if turned == Some(cpu) {
+                    regs.get_or_insert_with(&mut ctx).clone()
+                } else {
+                    None
+                };
+                self.obs.push(Stamped {
+                    obs: o,
+                    cpu,
+                    record: self.records.len(),
+                    ns: rec.ns,
+                    ctx,
+                });
+            }
+            self.records.push(rec);
+        }
+    }
+}
+
+/// A thread that ends a run that is over its time: after the timeout (never
+/// before, so it cannot change what the guest sees in a run that
+/// finishes) it sets `expired` and calls `stop`.
+fn watchdog(
+    timeout: Duration,
+    done: Arc<AtomicBool>,
+    expired: Arc<AtomicBool>,
+    stop: impl Fn() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tandem-diff-watchdog".into())
+        .spawn(move || {
+            let start = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if start.elapsed() >= timeout {
+                    expired.store(true, Ordering::SeqCst);
+                    stop();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .ok()
+}
+
 /// The run loop, one turn at a time, collecting the trace as it goes.
 fn drive(
     pc: &Pc,
@@ -332,33 +497,15 @@ fn drive(
     args: &DiffArgs,
 ) -> (Vec<TraceRecord>, Vec<Stamped>, End, Option<GuestContext>) {
     let machine = &pc.machine;
-    let mut records = Vec::new();
-    let mut obs = Vec::new();
+    let mut col = Collector::default();
     let mut stats = ExitStats::default();
     let mut l = machine.vcpu_loop(vcpu);
-    let mut pending_inject: Option<Obs> = None;
-    // The watchdog only ends a run that is over its time: it kicks the
-    // vCPU after the timeout, never before, so it cannot change what the
-    // guest sees in a run that finishes.
     let done = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let (done, expired, kicker, timeout) =
-            (done.clone(), expired.clone(), vcpu.kicker(), args.timeout);
-        std::thread::Builder::new()
-            .name("tandem-diff-watchdog".into())
-            .spawn(move || {
-                let start = Instant::now();
-                while !done.load(Ordering::SeqCst) {
-                    if start.elapsed() >= timeout {
-                        expired.store(true, Ordering::SeqCst);
-                        kicker.kick();
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-            .ok()
-    };
+    let kicker = vcpu.kicker();
+    let dog = watchdog(args.timeout, done.clone(), expired.clone(), move || {
+        kicker.kick()
+    });
     let max = args.max_steps.unwrap_or(u64::MAX);
     let mut steps = 0u64;
     let end = loop {
@@ -371,59 +518,8 @@ fn drive(
         steps += 1;
         let turn = machine.turn(&mut l, vcpu, &mut stats, true);
         if let Some(b) = buf {
-            let fresh: Vec<TraceRecord> =
-                std::mem::take(&mut *b.lock().unwrap_or_else(|p| p.into_inner()));
-            let mut ctx = None;
-            for rec in fresh {
-                let o = match &rec.event {
-                    TraceEvent::PortWrite {
-                        port, size, value, ..
-                    } => Some(Obs::PortWrite {
-                        port: *port,
-                        size: *size,
-                        value: *value,
-                    }),
-                    TraceEvent::MmioWrite {
-                        addr, len, value, ..
-                    } => Some(Obs::MmioWrite {
-                        addr: *addr,
-                        len: *len,
-                        value: *value,
-                    }),
-                    TraceEvent::Inject {
-                        kind,
-                        vector,
-                        error_code,
-                        cs,
-                        rip,
-                        ..
-                    } => {
-                        pending_inject = Some(Obs::Delivery {
-                            kind: *kind,
-                            vector: *vector,
-                            error_code: *error_code,
-                            cs: *cs,
-                            rip: *rip,
-                        });
-                        None
-                    }
-                    // Delivered: the processor ran after the injection.
-                    TraceEvent::Deliver { .. } => pending_inject.take(),
-                    _ => None,
-                };
-                if let Some(o) = o {
-                    if ctx.is_none() {
-                        ctx = guest_context(vcpu);
-                    }
-                    obs.push(Stamped {
-                        obs: o,
-                        record: records.len(),
-                        ns: rec.ns,
-                        ctx: ctx.clone(),
-                    });
-                }
-                records.push(rec);
-            }
+            let id = vcpu.id();
+            col.take(b, Some(id), || guest_context(vcpu));
         }
         match turn {
             Ok(Turn::Done(o)) => break End::Outcome(o),
@@ -432,11 +528,173 @@ fn drive(
         }
     };
     done.store(true, Ordering::SeqCst);
-    if let Some(w) = watchdog {
+    if let Some(w) = dog {
         let _ = w.join();
     }
     let last = guest_context(vcpu);
-    (records, obs, end, last)
+    (col.records, col.obs, end, last)
+}
+
+/// The interpreter with several vCPUs: on this thread, in index order, a
+/// slice each as `Machine::run_round_robin` takes them (deterministic),
+/// collecting the trace after every turn. The first vCPU whose run ends
+/// ends it.
+fn drive_round_robin(
+    pc: &Pc,
+    vcpus: &mut [&mut dyn Vcpu],
+    buf: Option<&TraceBuffer>,
+    args: &DiffArgs,
+) -> (Vec<TraceRecord>, Vec<Stamped>, End, Option<GuestContext>) {
+    let machine = &pc.machine;
+    let mut col = Collector::default();
+    let mut stats = ExitStats::default();
+    let mut loops: Vec<_> = vcpus
+        .iter_mut()
+        .map(|v| machine.vcpu_loop(&mut **v))
+        .collect();
+    let deadline = Instant::now() + args.timeout;
+    let max = args.max_steps.unwrap_or(u64::MAX);
+    let mut steps = 0u64;
+    let mut ended = 0usize;
+    let end = 'run: loop {
+        let mut all_idle = true;
+        let mut earliest: Option<u64> = None;
+        for (k, (l, v)) in loops.iter_mut().zip(vcpus.iter_mut()).enumerate() {
+            for _ in 0..tandem_core::machine::ROUND_ROBIN_TURNS {
+                if steps >= max {
+                    break 'run End::StepLimit(steps);
+                }
+                if steps % 256 == 0 && Instant::now() >= deadline {
+                    break 'run End::Timeout(args.timeout);
+                }
+                steps += 1;
+                let turn = machine.turn(l, &mut **v, &mut stats, false);
+                if let Some(b) = buf {
+                    let id = v.id();
+                    col.take(b, Some(id), || guest_context(&mut **v));
+                }
+                match turn {
+                    Ok(Turn::Done(o)) => {
+                        ended = k;
+                        break 'run End::Outcome(o);
+                    }
+                    Ok(Turn::Idle { deadline }) => {
+                        if let Some(d) = deadline {
+                            earliest = Some(earliest.map_or(d, |e| e.min(d)));
+                        }
+                        break;
+                    }
+                    Ok(Turn::Ran) => {
+                        all_idle = false;
+                        if l.kicked() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        ended = k;
+                        break 'run End::Error(e.to_string());
+                    }
+                }
+            }
+        }
+        if all_idle {
+            // Every vCPU waits: the virtual clock jumps to the next timer
+            // deadline; without one nothing can end the waits.
+            match earliest {
+                Some(d) if machine.clock.warp_to(d) => {}
+                _ => {
+                    let ctx = vcpus.first_mut().and_then(|v| guest_context(&mut **v));
+                    match ctx {
+                        Some(c) => break End::Outcome(RunOutcome::DeadHalt(Box::new(c))),
+                        None => break End::Error("every vCPU waits for good".into()),
+                    }
+                }
+            }
+        }
+    };
+    let last = vcpus.get_mut(ended).and_then(|v| guest_context(&mut **v));
+    (col.records, col.obs, end, last)
+}
+
+/// KVM with several vCPUs: a thread each (the BSP on this one), as `tandem
+/// run` runs them, so the interleaving across vCPUs is the host
+/// scheduler's; the trace is taken when the run is over. The first vCPU
+/// whose run ends stops the others and decides the end.
+fn drive_threads(
+    pc: &Pc,
+    vcpus: &mut [tandem_kvm::KvmVcpu],
+    buf: Option<&TraceBuffer>,
+    args: &DiffArgs,
+) -> (Vec<TraceRecord>, Vec<Stamped>, End, Option<GuestContext>) {
+    let machine = &pc.machine;
+    let done = Arc::new(AtomicBool::new(false));
+    let expired = Arc::new(AtomicBool::new(false));
+    let dog = {
+        let (control, bells) = (machine.control.clone(), machine.doorbells.clone());
+        watchdog(args.timeout, done.clone(), expired.clone(), move || {
+            control.request(tandem_core::StopRequest::Timeout);
+            for b in &bells {
+                b.ring();
+            }
+        })
+    };
+    let first: std::sync::Mutex<Option<(u32, End)>> = std::sync::Mutex::new(None);
+    let max = args.max_steps.unwrap_or(u64::MAX);
+    let run = |v: &mut tandem_kvm::KvmVcpu| {
+        let mut stats = ExitStats::default();
+        let mut l = machine.vcpu_loop(v);
+        let mut steps = 0u64;
+        let end = loop {
+            if steps >= max {
+                break End::StepLimit(steps);
+            }
+            steps += 1;
+            match machine.turn(&mut l, v, &mut stats, true) {
+                Ok(Turn::Done(o)) => break End::Outcome(o),
+                Ok(_) => {}
+                Err(e) => break End::Error(e.to_string()),
+            }
+        };
+        let mut f = first.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some((v.id(), end));
+        }
+        drop(f);
+        // The others stop at their next turn (a stop the guest requested
+        // first stays the one reported).
+        machine.control.request(tandem_core::StopRequest::Poweroff);
+        for b in &machine.doorbells {
+            b.ring();
+        }
+    };
+    if let Some((bsp, aps)) = vcpus.split_first_mut() {
+        std::thread::scope(|scope| {
+            let run = &run;
+            for v in aps.iter_mut() {
+                scope.spawn(move || run(v));
+            }
+            run(bsp);
+        });
+    }
+    done.store(true, Ordering::SeqCst);
+    if let Some(w) = dog {
+        let _ = w.join();
+    }
+    let (id, end) = first
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or((0, End::Error("no vCPU ran".into())));
+    let end = if expired.load(Ordering::SeqCst) {
+        End::Timeout(args.timeout)
+    } else {
+        end
+    };
+    let mut col = Collector::default();
+    if let Some(b) = buf {
+        col.take(b, None, || None);
+    }
+    let last = vcpus.get_mut(id as usize).and_then(|v| guest_context(v));
+    (col.records, col.obs, end, last)
 }
 
 fn guest_context(vcpu: &mut dyn Vcpu) -> Option<GuestContext> {
@@ -748,64 +1006,172 @@ fn processors(args: &DiffArgs) -> Result<i32> {
     )?;
     let guest = args.guest.display();
     let (sa, sb) = (a.serial.text(), b.serial.text());
-    let cmp = compare(&a, &b);
-    let (known, unexplained, stopped) = (&cmp.known, &cmp.unexplained, cmp.stopped);
+    let smp = args.smp > 1;
+    // Several vCPUs: each one's stream on its own (KVM's vCPUs are
+    // threads, so the interleaving across vCPUs is the host scheduler's).
+    let (mut a, mut b) = (a, b);
+    let all_a = (std::mem::take(&mut a.records), std::mem::take(&mut a.obs));
+    let all_b = (std::mem::take(&mut b.records), std::mem::take(&mut b.obs));
+    let cpus: Vec<u32> = if smp {
+        (0..args.smp).collect()
+    } else {
+        vec![0]
+    };
+    // Returns the IPIs from other vCPUs that were delivered, set aside.
+    let view = |a: &mut Side, b: &mut Side, cpu: u32| {
+        if smp {
+            let ia;
+            let ib;
+            (a.records, a.obs, ia) = select_cpu(&all_a.0, &all_a.1, cpu);
+            (b.records, b.obs, ib) = select_cpu(&all_b.0, &all_b.1, cpu);
+            (ia, ib)
+        } else {
+            (a.records, a.obs) = all_a.clone();
+            (b.records, b.obs) = all_b.clone();
+            Default::default()
+        }
+    };
+    let mut cmps = Vec::new();
+    let mut counts = Vec::new();
+    let mut ipis = Vec::new();
+    for &cpu in &cpus {
+        let (ia, ib) = view(&mut a, &mut b, cpu);
+        cmps.push(compare(&a, &b));
+        ipis.push((ia, ib));
+        let deliveries = a
+            .obs
+            .iter()
+            .filter(|o| matches!(o.obs, Obs::Delivery { .. }))
+            .count();
+        counts.push((a.obs.len() - deliveries, deliveries));
+    }
+    let known: usize = cmps.iter().map(|c| c.known.len()).sum();
+    let unexplained = cmps
+        .iter()
+        .zip(&ipis)
+        .position(|(c, (ia, ib))| c.unexplained.is_some() || ia != ib);
+    let stopped = cmps.iter().any(|c| c.stopped);
     let status_same = a.end.status() == b.end.status() && a.end.status().is_some();
     let serial_same = sa == sb;
     let clean = unexplained.is_none() && (stopped || (serial_same && status_same));
-    if known.is_empty() && clean {
-        println!(
-            "tandem diff: {guest}: identical: {} port / MMIO writes and deliveries, {} bytes of \
-             serial output, {} on both",
-            a.obs.len(),
-            sa.len(),
-            a.end.describe()
-        );
+    let per_cpu = || {
+        cpus.iter()
+            .zip(&counts)
+            .zip(&ipis)
+            .map(|((cpu, (w, d)), (ia, _))| {
+                let i: u64 = ia.values().sum();
+                format!(
+                    "vCPU {cpu}: {w} writes, {} deliveries ({i} of them IPIs from other vCPUs)",
+                    *d as u64 + i
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if known == 0 && clean {
+        if smp {
+            println!(
+                "tandem diff: {guest}: identical: {} vCPUs, each compared on its own ({}), {} \
+                 bytes of serial output, {} on both",
+                cpus.len(),
+                per_cpu(),
+                sa.len(),
+                a.end.describe()
+            );
+        } else {
+            println!(
+                "tandem diff: {guest}: identical: {} port / MMIO writes and deliveries, {} bytes \
+                 of serial output, {} on both",
+                all_a.1.len(),
+                sa.len(),
+                a.end.describe()
+            );
+        }
         return Ok(0);
     }
     if clean {
-        println!(
-            "tandem diff: {guest}: identical but for {} documented divergence(s)",
-            known.len()
-        );
+        println!("tandem diff: {guest}: identical but for {known} documented divergence(s)");
+    } else if let (true, Some(k)) = (smp, unexplained) {
+        println!("tandem diff: {guest}: the processors diverge (vCPU {k} first)");
     } else {
         println!("tandem diff: {guest}: the processors diverge");
     }
-    let mut rules_seen = Vec::new();
-    for d in known {
-        let rule = d.rule.unwrap_or(Rule::KvmTsc);
-        println!(
-            "known divergence (rule {}): interp #{}: {}; kvm #{}: {}",
-            rule.name(),
-            d.i,
-            a.obs
-                .get(d.i)
-                .map_or("nothing".into(), |o| o.obs.describe()),
-            d.j,
-            b.obs
-                .get(d.j)
-                .map_or("nothing".into(), |o| o.obs.describe()),
-        );
-        if !rules_seen.contains(&rule) {
-            rules_seen.push(rule);
-        }
+    if smp {
+        println!("per vCPU on interp: {}", per_cpu());
     }
-    if cmp.absorbed_post_writes > 0 {
-        println!(
-            "  next to those: {} writes to the POST port 0x80 (ignored by the machine) of the \
-             guest's wait loops on one side only, from the same late deliveries",
-            cmp.absorbed_post_writes
-        );
+    let mut rules_seen = Vec::new();
+    for (&cpu, cmp) in cpus.iter().zip(&cmps) {
+        if cmp.known.is_empty() && cmp.unexplained.is_none() {
+            continue;
+        }
+        view(&mut a, &mut b, cpu);
+        let on = if smp {
+            format!(" on vCPU {cpu}")
+        } else {
+            String::new()
+        };
+        for d in &cmp.known {
+            let rule = d.rule.unwrap_or(Rule::KvmTsc);
+            println!(
+                "known divergence (rule {}){on}: interp #{}: {}; kvm #{}: {}",
+                rule.name(),
+                d.i,
+                a.obs
+                    .get(d.i)
+                    .map_or("nothing".into(), |o| o.obs.describe()),
+                d.j,
+                b.obs
+                    .get(d.j)
+                    .map_or("nothing".into(), |o| o.obs.describe()),
+            );
+            if !rules_seen.contains(&rule) {
+                rules_seen.push(rule);
+            }
+        }
+        if cmp.absorbed_post_writes > 0 {
+            println!(
+                "  next to those{on}: {} writes to the POST port 0x80 (ignored by the machine) \
+                 of the guest's wait loops on one side only, from the same late deliveries",
+                cmp.absorbed_post_writes
+            );
+        }
     }
     for r in &rules_seen {
         println!("  rule {}: {}", r.name(), r.why());
     }
-    if stopped {
-        println!("  the guest's outputs differ from the last one on: the comparison stops there");
-    }
-    if let Some(d) = unexplained {
-        report_observation(&a, &b, d.i, d.j, args.context);
-        println!("no documented rule explains this divergence");
+    for ((&cpu, cmp), (ia, ib)) in cpus.iter().zip(&cmps).zip(&ipis) {
+        let on = if smp {
+            format!(" on vCPU {cpu}")
+        } else {
+            String::new()
+        };
+        if ia != ib {
+            let set = |m: &std::collections::BTreeMap<u8, u64>| {
+                m.iter()
+                    .map(|(v, n)| format!("{v:#04x} x{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            println!(
+                "vCPU {cpu} diverges: the IPIs from other vCPUs it took differ: interp [{}]; kvm \
+                 [{}]",
+                set(ia),
+                set(ib)
+            );
+        }
+        if cmp.stopped {
+            println!(
+                "  the guest's outputs differ from the last one on{on}: the comparison stops there"
+            );
+        }
+        if let Some(d) = &cmp.unexplained {
+            view(&mut a, &mut b, cpu);
+            if smp {
+                println!("vCPU {cpu} diverges:");
+            }
+            report_observation(&a, &b, d.i, d.j, args.context);
+            println!("no documented rule explains this divergence");
+        }
     }
     if !serial_same {
         let at = sa
@@ -830,6 +1196,64 @@ fn processors(args: &DiffArgs) -> Result<i32> {
     }
     println!("end: interp {}; kvm {}", a.end.describe(), b.end.describe());
     Ok(if clean && !args.strict { 0 } else { 1 })
+}
+
+/// IPIs from other vCPUs delivered to one vCPU: vector, count.
+type IpiSet = std::collections::BTreeMap<u8, u64>;
+
+/// The trace of vCPU `cpu` alone: its records and those of no vCPU (the
+/// devices'), and its observations, renumbered to those records. The
+/// deliveries of fixed IPIs other vCPUs sent (by vector) are set aside
+/// and counted: when another vCPU gets to its ICR write is the host
+/// scheduler's choice on KVM, so where and in which order they arrive is
+/// not compared, only which arrived how often.
+fn select_cpu(
+    records: &[TraceRecord],
+    obs: &[Stamped],
+    cpu: u32,
+) -> (Vec<TraceRecord>, Vec<Stamped>, IpiSet) {
+    let sent: std::collections::BTreeSet<u8> = records
+        .iter()
+        .filter_map(|r| match r.event {
+            TraceEvent::Ipi {
+                from,
+                vector,
+                mode: tandem_core::devices::apic_bus::DeliveryMode::Fixed,
+                ..
+            } if from != cpu => Some(vector),
+            _ => None,
+        })
+        .collect();
+    let mut ipis = IpiSet::new();
+    let mut renumbered = vec![usize::MAX; records.len()];
+    let mut mine = Vec::new();
+    for (k, r) in records.iter().enumerate() {
+        if r.event.cpu().is_none_or(|c| c == cpu) {
+            renumbered[k] = mine.len();
+            mine.push(r.clone());
+        }
+    }
+    let n = mine.len();
+    let obs = obs
+        .iter()
+        .filter(|o| o.cpu == cpu)
+        .filter(|o| match o.obs {
+            Obs::Delivery {
+                kind: EventKind::External,
+                vector,
+                ..
+            } if sent.contains(&vector) => {
+                *ipis.entry(vector).or_default() += 1;
+                false
+            }
+            _ => true,
+        })
+        .map(|o| Stamped {
+            record: renumbered.get(o.record).copied().unwrap_or(n).min(n),
+            ..o.clone()
+        })
+        .collect();
+    (mine, obs, ipis)
 }
 
 fn report_observation(a: &Side, b: &Side, i: usize, j: usize, context: usize) {
@@ -975,15 +1399,16 @@ pub fn lockstep(args: &DiffArgs) -> i32 {
 }
 
 fn lockstep_run(args: &DiffArgs) -> Result<i32> {
-    use crate::fuzz::lockstep::{interp_side, kvm_side, masked_text, Finish, Lockstep};
+    use crate::fuzz::lockstep::{interp_side_smp, kvm_side_smp, masked_text, Finish, Lockstep};
     if !kvm_opens() {
         bail!("/dev/kvm does not open: the lockstep's reference is KVM");
     }
     let (pa, serial_a, state) = build(args, &args.append, IrqchipKind::User)?;
     let (pb, serial_b, _) = build(args, &args.append, IrqchipKind::User)?;
     // 1 ns an instruction and 1 us an exit, as `tandem run --deterministic`.
-    let kvm = kvm_side("kvm", pa, &state, 1, 1_000)?;
-    let interp = interp_side("interp", pb, &state, false, 1, 1_000)?;
+    let n = args.smp.max(1);
+    let kvm = kvm_side_smp("kvm", pa, &state, n, 1, 1_000)?;
+    let interp = interp_side_smp("interp", pb, &state, n, false, 1, 1_000)?;
     let mut ls = Lockstep::new(kvm, interp);
     // The guest reads KVM's TSC (rule `tsc` gives the interpreter the same
     // values): both LAPICs compare TSC deadlines against it.
@@ -1009,12 +1434,30 @@ fn lockstep_run(args: &DiffArgs) -> Result<i32> {
     let guest = args.guest.display();
     let rate = ls.steps as f64 / secs;
     let serial = |b: &SharedBuf| b.text();
+    // Several vCPUs: what each did, in the round robin's order.
+    let per_vcpu = if n > 1 {
+        let each: Vec<String> = ls
+            .per_vcpu
+            .iter()
+            .enumerate()
+            .map(|(k, (st, d))| format!("vCPU {k}: {st} steps, {d} delivered"))
+            .collect();
+        format!(" ({n} vCPUs in round robin: {})", each.join(", "))
+    } else {
+        String::new()
+    };
     Ok(match finish {
         Finish::Diverged(d) => {
-            println!(
-                "tandem diff --lockstep {guest}: the processors diverge at instruction {}",
-                d.step
-            );
+            match d.vcpu {
+                Some(k) => println!(
+                    "tandem diff --lockstep {guest}: vCPU {k} diverges at step {}{per_vcpu}",
+                    d.step
+                ),
+                None => println!(
+                    "tandem diff --lockstep {guest}: the processors diverge at instruction {}",
+                    d.step
+                ),
+            }
             print!("{}", d.report(&ls.reference.name, &ls.subject.name));
             1
         }
@@ -1029,8 +1472,8 @@ fn lockstep_run(args: &DiffArgs) -> Result<i32> {
             }
             println!(
                 "tandem diff --lockstep {guest}: identical: {steps} instructions and events, {} \
-                 events delivered, ended: {end}; masked: {}; kvm fallbacks {}; {rate:.0} \
-                 instructions/s",
+                 events delivered{per_vcpu}, ended: {end}; masked: {}; kvm fallbacks {}; \
+                 {rate:.0} instructions/s",
                 ls.deliveries,
                 masked_text(&ls.masked),
                 ls.reference.fallbacks,
@@ -1040,7 +1483,7 @@ fn lockstep_run(args: &DiffArgs) -> Result<i32> {
         Finish::Stopped { steps } => {
             println!(
                 "tandem diff --lockstep {guest}: identical for {steps} steps (--max-steps), {} \
-                 events delivered; masked: {}; {rate:.0} instructions/s",
+                 events delivered{per_vcpu}; masked: {}; {rate:.0} instructions/s",
                 ls.deliveries,
                 masked_text(&ls.masked)
             );
@@ -1337,6 +1780,7 @@ mod tests {
         for o in obs {
             stamped.push(Stamped {
                 obs: o,
+                cpu: 0,
                 record: records.len(),
                 ns: 0,
                 ctx: None,
@@ -1355,6 +1799,60 @@ mod tests {
             end: End::StepLimit(0),
             last: None,
         }
+    }
+
+    /// One vCPU's view: its records and the devices', its observations
+    /// renumbered, and the IPIs other vCPUs sent it set aside by vector.
+    #[test]
+    fn a_vcpu_view_sets_other_vcpus_ipis_aside() {
+        use tandem_core::devices::apic_bus::DeliveryMode;
+        let ipi = |from: u32, vector: u8| TraceEvent::Ipi {
+            from,
+            vector,
+            dest: 0,
+            mode: DeliveryMode::Fixed,
+            shorthand: tandem_core::devices::apic_bus::Shorthand::None,
+        };
+        let write = |cpu: u32| TraceEvent::PortWrite {
+            cpu,
+            port: 0x3f8,
+            size: 1,
+            value: 0x41,
+        };
+        let records: Vec<TraceRecord> = [
+            write(0),
+            write(1),
+            ipi(1, 0x51),
+            TraceEvent::PicInt { level: true },
+            write(0),
+            write(0),
+        ]
+        .into_iter()
+        .map(record)
+        .collect();
+        let stamp = |cpu: u32, obs: Obs, record: usize| Stamped {
+            obs,
+            cpu,
+            record,
+            ns: 0,
+            ctx: None,
+        };
+        let obs = vec![
+            stamp(0, out(0x41), 0),
+            stamp(1, out(0x41), 1),
+            stamp(0, ext(0x51, 0x10), 4),
+            stamp(0, out(0x41), 5),
+        ];
+        let (recs, mine, ipis) = select_cpu(&records, &obs, 0);
+        // vCPU 0's writes and the PIC's record; not vCPU 1's write or IPI.
+        assert_eq!(recs.len(), 4);
+        assert_eq!(mine.len(), 2, "{mine:?}");
+        assert_eq!((mine[0].record, mine[1].record), (0, 3));
+        assert_eq!(ipis.get(&0x51), Some(&1));
+        let (recs, mine, ipis) = select_cpu(&records, &obs, 1);
+        assert_eq!(recs.len(), 3);
+        assert_eq!(mine.len(), 1);
+        assert!(ipis.is_empty());
     }
 
     #[test]

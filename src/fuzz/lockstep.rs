@@ -15,6 +15,14 @@
 //! handler); a HLT, executed by the lockstep itself on both sides (PVM steps
 //! over HLT without its exit) followed by a jump of virtual time to the next
 //! timer deadline. The masking rules are in [`RULES`].
+//!
+//! With several vCPUs (`tandem diff --lockstep --smp N`) each side holds N
+//! and the lockstep steps them in one round-robin order, one step each:
+//! vCPU 0, 1, ..., skipping a vCPU that is halted with nothing to wake it
+//! or waits for a SIPI (INIT and SIPI are taken through
+//! `InterruptSource::take_startup`, as the run loop takes them). The same
+//! vCPU is stepped on both sides each time, and a divergence names it.
+//! When every vCPU waits, both clocks jump to the next timer deadline.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -160,7 +168,8 @@ pub fn rule_name(r: Rule) -> &'static str {
 pub enum Cpu {
     Kvm {
         vcpu: Box<KvmVcpu>,
-        _vm: Box<KvmVm>,
+        /// The VM, held by vCPU 0's side of it.
+        _vm: Option<Box<KvmVm>>,
         pvm: bool,
     },
     Interp {
@@ -179,12 +188,27 @@ struct Cache {
     events: Option<VcpuEvents>,
 }
 
-/// One machine of a lockstep.
+/// A vCPU of a side other than the one being stepped, with what the side
+/// keeps per vCPU.
+struct Parked {
+    id: u32,
+    cpu: Cpu,
+    cache: Cache,
+    halted: Option<bool>,
+    cr8: Option<u64>,
+}
+
+/// One machine of a lockstep. `cpu` (with `cache`, `halted`, `cr8`) is the
+/// vCPU being stepped, [`Side::select`] swaps another one in.
 pub struct Side {
     cache: Cache,
     pub name: String,
     pub pc: Pc,
     pub cpu: Cpu,
+    /// The index of the vCPU in `cpu`.
+    id: u32,
+    /// The other vCPUs.
+    parked: Vec<Parked>,
     /// RFLAGS.IF at the HLT that halted the side.
     halted: Option<bool>,
     cr8: Option<u64>,
@@ -218,6 +242,8 @@ impl Side {
             name: name.to_string(),
             pc,
             cpu,
+            id: 0,
+            parked: Vec::new(),
             halted: None,
             cr8: None,
             ns_per_step,
@@ -225,6 +251,100 @@ impl Side {
             fallbacks: 0,
             ring3_native: false,
         }
+    }
+
+    /// Adds vCPU `id` (parked until [`Side::select`] picks it).
+    pub fn add_vcpu(&mut self, id: u32, cpu: Cpu) {
+        self.parked.push(Parked {
+            id,
+            cpu,
+            cache: Cache::default(),
+            halted: None,
+            cr8: None,
+        });
+    }
+
+    /// The vCPUs of the side.
+    pub fn vcpu_count(&self) -> usize {
+        self.parked.len() + 1
+    }
+
+    /// The index of the vCPU being stepped.
+    pub fn vcpu_id(&self) -> u32 {
+        self.id
+    }
+
+    /// Makes vCPU `id` the one stepped (and compared); false if the side
+    /// has no such vCPU.
+    pub fn select(&mut self, id: u32) -> bool {
+        if id == self.id {
+            return true;
+        }
+        let Some(p) = self.parked.iter_mut().find(|p| p.id == id) else {
+            return false;
+        };
+        std::mem::swap(&mut p.id, &mut self.id);
+        std::mem::swap(&mut p.cpu, &mut self.cpu);
+        std::mem::swap(&mut p.cache, &mut self.cache);
+        std::mem::swap(&mut p.halted, &mut self.halted);
+        std::mem::swap(&mut p.cr8, &mut self.cr8);
+        true
+    }
+
+    /// INIT and SIPI for the selected vCPU at this boundary, taken as the
+    /// run loop takes them (`Machine::turn`): the state follows; returns
+    /// whether the vCPU can run (not waiting for a SIPI) and what happened.
+    fn startup(&mut self) -> Result<(bool, String)> {
+        use tandem_core::cpu::VcpuState;
+        use tandem_core::ladder::Startup;
+        use tandem_core::machine::INIT_SIGNATURE;
+        let id = self.id;
+        let what = self.pc.machine.interrupts.take_startup(id);
+        let runs = match what {
+            Startup::Run => true,
+            Startup::Init => {
+                let apic_base = self.sregs()?.apic_base;
+                self.v()
+                    .set_state(&VcpuState::after_init(id == 0, apic_base, INIT_SIGNATURE))?;
+                self.halted = None;
+                true
+            }
+            Startup::Sipi(vector) => {
+                let apic_base = self.sregs()?.apic_base;
+                let mut st = VcpuState::after_init(false, apic_base, INIT_SIGNATURE);
+                st.start_at_sipi(vector);
+                self.v().set_state(&st)?;
+                self.halted = None;
+                true
+            }
+            Startup::WaitForSipi { init } => {
+                if init {
+                    let apic_base = self.sregs()?.apic_base;
+                    self.v()
+                        .set_state(&VcpuState::after_init(false, apic_base, INIT_SIGNATURE))?;
+                    self.halted = None;
+                }
+                false
+            }
+        };
+        Ok((runs, format!("{what:?}")))
+    }
+
+    /// Whether the selected vCPU, if halted, has something that ends the
+    /// HLT now (without moving time, which the round robin does when every
+    /// vCPU waits).
+    fn wakes(&mut self) -> bool {
+        let Some(if_flag) = self.halted else {
+            return true;
+        };
+        let m = &self.pc.machine;
+        m.timers.fire_due(m.clock.now_ns());
+        if m.interrupts.nmi_pending(self.id) || (if_flag && m.interrupts.interrupt_pending(self.id))
+        {
+            self.halted = None;
+            return true;
+        }
+        false
     }
 
     /// `run`, kicked after two seconds: a step that never reaches its
@@ -348,13 +468,13 @@ impl Side {
     fn sync_cr8_from_vcpu(&mut self) {
         let now = self.raw().cr8();
         if self.cr8 != Some(now) {
-            self.pc.machine.interrupts.set_cr8(0, now);
+            self.pc.machine.interrupts.set_cr8(self.id, now);
             self.cr8 = Some(now);
         }
     }
 
     fn sync_cr8_to_vcpu(&mut self) {
-        if let Some(tpr) = self.pc.machine.interrupts.cr8(0) {
+        if let Some(tpr) = self.pc.machine.interrupts.cr8(self.id) {
             if self.cr8 != Some(tpr) {
                 self.raw().set_cr8(tpr);
                 self.cr8 = Some(tpr);
@@ -371,11 +491,13 @@ impl Side {
                 return None;
             }
             m.timers.fire_due(m.clock.now_ns());
-            if m.interrupts.nmi_pending(0) || (if_flag && m.interrupts.interrupt_pending(0)) {
+            if m.interrupts.nmi_pending(self.id)
+                || (if_flag && m.interrupts.interrupt_pending(self.id))
+            {
                 self.halted = None;
                 return None;
             }
-            if !if_flag && !m.interrupts.can_wake_masked(0) {
+            if !if_flag && !m.interrupts.can_wake_masked(self.id) {
                 return Some("halt nothing can end".into());
             }
             match m.timers.next_deadline() {
@@ -419,7 +541,7 @@ impl Side {
         // NMIs are blocked; the interpreter's ladder waits (SDM vol. 3,
         // 25.3). The lockstep holds KVM's ladder back the same way, so both
         // deliver the NMI at the same boundary.
-        if matches!(self.cpu, Cpu::Kvm { .. }) && m.interrupts.nmi_pending(0) {
+        if matches!(self.cpu, Cpu::Kvm { .. }) && m.interrupts.nmi_pending(self.id) {
             let ev = self.events()?;
             if ev.interruptibility.nmi || ev.interruptibility.mov_ss {
                 return self.step_without_ladder(insn, hint);
@@ -887,6 +1009,8 @@ pub fn describe(side: &mut Side, s: &Sregs, rip: u64, i: &Instruction) -> String
 pub struct Divergence {
     /// Steps completed before the divergent one (0-based index of it).
     pub step: u64,
+    /// The vCPU that diverged, when the sides have several.
+    pub vcpu: Option<u32>,
     /// The instruction (or event) of the divergent step, first line of the
     /// report.
     pub what: String,
@@ -901,7 +1025,14 @@ pub struct Divergence {
 impl Divergence {
     pub fn report(&self, reference: &str, subject: &str) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "first divergent instruction: {}", self.what);
+        match self.vcpu {
+            Some(k) => {
+                let _ = writeln!(s, "vCPU {k} diverges at: {}", self.what);
+            }
+            None => {
+                let _ = writeln!(s, "first divergent instruction: {}", self.what);
+            }
+        }
         let _ = writeln!(
             s,
             "after {} identical steps; {reference} and {subject} differ in:",
@@ -943,6 +1074,8 @@ pub struct Lockstep {
     pub compare_at_end: Vec<(u64, u64)>,
     /// Wall-clock limit of `run`.
     pub deadline: Option<std::time::Instant>,
+    /// Steps and deliveries per vCPU.
+    pub per_vcpu: Vec<(u64, u64)>,
     info: InstructionInfoFactory,
 }
 
@@ -956,14 +1089,19 @@ impl Lockstep {
             masked: BTreeMap::new(),
             compare_at_end: Vec::new(),
             deadline: None,
+            per_vcpu: Vec::new(),
             info: InstructionInfoFactory::new(),
         }
     }
 
     /// Steps both sides until they end, diverge, take `max_steps` steps, or
     /// the reference stands at linear address `stop_at` at an instruction
-    /// boundary outside any handler.
+    /// boundary outside any handler. Sides with several vCPUs are stepped
+    /// in round robin ([`Lockstep::run_smp`]; `stop_at` is not used there).
     pub fn run(&mut self, max_steps: u64, stop_at: Option<u64>) -> Result<Finish> {
+        if self.reference.vcpu_count() > 1 || self.subject.vcpu_count() > 1 {
+            return self.run_smp(max_steps);
+        }
         let mut in_handler = 0u32;
         loop {
             let pre = snapshot(&mut self.reference)?;
@@ -977,49 +1115,193 @@ impl Lockstep {
             if self.steps >= max_steps {
                 return Ok(Finish::Stopped { steps: self.steps });
             }
-            if self.steps % 4096 == 0
-                && self
-                    .deadline
-                    .is_some_and(|d| std::time::Instant::now() >= d)
-            {
-                bail!("timed out after {} identical steps", self.steps);
+            self.check_deadline()?;
+            if let Some(f) = self.step_both(pre, &mut in_handler)? {
+                return Ok(f);
             }
-            let insn = decode_at(&mut self.reference, &pre.sregs, pre.regs.rip);
-            let sub_pre = snapshot(&mut self.subject)?;
-            let sub_insn = decode_at(&mut self.subject, &sub_pre.sregs, sub_pre.regs.rip);
-            let b = self.subject.step(sub_insn.as_ref(), None)?;
-            let hint = match b {
-                StepKind::Executed => {
-                    let r = self.subject.regs()?;
-                    let s = self.subject.sregs()?;
-                    Some(s.cs.base.wrapping_add(r.rip))
+        }
+    }
+
+    fn check_deadline(&self) -> Result<()> {
+        if self.steps % 4096 == 0
+            && self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            bail!("timed out after {} identical steps", self.steps);
+        }
+        Ok(())
+    }
+
+    /// The selected vCPU when the sides have several (divergences name it).
+    fn smp_vcpu(&self) -> Option<u32> {
+        (self.reference.vcpu_count() > 1).then(|| self.reference.vcpu_id())
+    }
+
+    /// One step of the selected vCPU on both sides, from the reference's
+    /// state `pre`, compared. `Some`: the lockstep is over.
+    fn step_both(&mut self, pre: Snapshot, in_handler: &mut u32) -> Result<Option<Finish>> {
+        let insn = decode_at(&mut self.reference, &pre.sregs, pre.regs.rip);
+        let sub_pre = snapshot(&mut self.subject)?;
+        let sub_insn = decode_at(&mut self.subject, &sub_pre.sregs, sub_pre.regs.rip);
+        let b = self.subject.step(sub_insn.as_ref(), None)?;
+        let hint = match b {
+            StepKind::Executed => {
+                let r = self.subject.regs()?;
+                let s = self.subject.sregs()?;
+                Some(s.cs.base.wrapping_add(r.rip))
+            }
+            _ => None,
+        };
+        let a = self.reference.step(insn.as_ref(), hint)?;
+        self.hide_pushed_tf(&pre)?;
+        if let Some(d) = self.compare(&pre, insn.as_ref(), &a, &b)? {
+            return Ok(Some(Finish::Diverged(Box::new(d))));
+        }
+        self.steps += 1;
+        let id = self.reference.vcpu_id() as usize;
+        if self.per_vcpu.len() <= id {
+            self.per_vcpu.resize(id + 1, (0, 0));
+        }
+        if let Some(c) = self.per_vcpu.get_mut(id) {
+            c.0 += 1;
+            if matches!(a, StepKind::Delivered(_)) {
+                c.1 += 1;
+            }
+        }
+        match (&a, insn.as_ref().map(|i| i.mnemonic())) {
+            (StepKind::Delivered(_), _) => {
+                self.deliveries += 1;
+                *in_handler += 1;
+            }
+            (StepKind::Executed, Some(Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq)) => {
+                *in_handler = in_handler.saturating_sub(1)
+            }
+            _ => {}
+        }
+        if let StepKind::End(e) = a {
+            return Ok(Some(self.end(e)?));
+        }
+        Ok(None)
+    }
+
+    /// Both sides ended the same way: the memory compared at the end.
+    fn end(&mut self, how: String) -> Result<Finish> {
+        if let Some(d) = self.final_compare()? {
+            return Ok(Finish::Diverged(Box::new(d)));
+        }
+        Ok(Finish::Identical {
+            steps: self.steps,
+            end: how,
+        })
+    }
+
+    /// A divergence of the round robin itself (what the sides' vCPUs may
+    /// do), named after the selected vCPU.
+    fn schedule_divergence(&mut self, what: String, difference: String) -> Result<Finish> {
+        let ra = snapshot(&mut self.reference)?;
+        let rb = snapshot(&mut self.subject)?;
+        Ok(Finish::Diverged(Box::new(Divergence {
+            step: self.steps,
+            vcpu: self.smp_vcpu(),
+            what,
+            mnemonic: None,
+            differences: vec![difference],
+            table: side_by_side(&self.reference.name, &ra, &self.subject.name, &rb),
+        })))
+    }
+
+    /// Several vCPUs: one step each in index order, skipping a vCPU that
+    /// waits for a SIPI or is halted with nothing to wake it; the same vCPU
+    /// on both sides. When every vCPU waits, both clocks jump to the next
+    /// timer deadline (nothing can end the waits without one: the run
+    /// ends). A stop the guest requested ends the run at the next vCPU.
+    pub fn run_smp(&mut self, max_steps: u64) -> Result<Finish> {
+        let n = self.reference.vcpu_count();
+        if self.subject.vcpu_count() != n {
+            bail!(
+                "{} has {n} vCPUs, {} {}",
+                self.reference.name,
+                self.subject.name,
+                self.subject.vcpu_count()
+            );
+        }
+        self.per_vcpu = vec![(0, 0); n];
+        // Interrupt handlers are not tracked across vCPUs (no `stop_at`).
+        let mut in_handler = 0u32;
+        let mut warps = 0u32;
+        loop {
+            let mut stepped = false;
+            for id in 0..n as u32 {
+                let stop_a = self.reference.pc.machine.control.stop_request();
+                let stop_b = self.subject.pc.machine.control.stop_request();
+                if stop_a != stop_b {
+                    return self.schedule_divergence(
+                        "(stop request)".into(),
+                        format!("stop request: {stop_a:?} vs {stop_b:?}"),
+                    );
                 }
-                _ => None,
+                if let Some(r) = stop_a {
+                    return self.end(format!("{r:?}"));
+                }
+                if self.steps >= max_steps {
+                    return Ok(Finish::Stopped { steps: self.steps });
+                }
+                self.check_deadline()?;
+                if !(self.reference.select(id) && self.subject.select(id)) {
+                    bail!("vCPU {id} is missing on a side");
+                }
+                let (ra, wa) = self.reference.startup()?;
+                let (rb, wb) = self.subject.startup()?;
+                if (ra, &wa) != (rb, &wb) {
+                    return self.schedule_divergence(
+                        "(INIT / SIPI)".into(),
+                        format!("start-up: {wa} vs {wb}"),
+                    );
+                }
+                if !ra {
+                    continue;
+                }
+                let (ka, kb) = (self.reference.wakes(), self.subject.wakes());
+                if ka != kb {
+                    return self.schedule_divergence(
+                        "(halted)".into(),
+                        format!("wakes from HLT: {ka} vs {kb}"),
+                    );
+                }
+                if !ka {
+                    continue;
+                }
+                stepped = true;
+                let pre = snapshot(&mut self.reference)?;
+                if let Some(f) = self.step_both(pre, &mut in_handler)? {
+                    return Ok(f);
+                }
+            }
+            if stepped {
+                warps = 0;
+                continue;
+            }
+            warps += 1;
+            if warps > 100_000 {
+                return self
+                    .end("every vCPU waits: nothing ended it in 100000 timer deadlines".into());
+            }
+            // Every vCPU waits.
+            let da = self.reference.pc.machine.timers.next_deadline();
+            let db = self.subject.pc.machine.timers.next_deadline();
+            if da != db {
+                return self.schedule_divergence(
+                    "(every vCPU waits)".into(),
+                    format!("next timer deadline: {da:?} vs {db:?}"),
+                );
+            }
+            let Some(d) = da else {
+                return self.end("every vCPU waits and nothing can end the waits".into());
             };
-            let a = self.reference.step(insn.as_ref(), hint)?;
-            self.hide_pushed_tf(&pre)?;
-            if let Some(d) = self.compare(&pre, insn.as_ref(), &a, &b)? {
-                return Ok(Finish::Diverged(Box::new(d)));
-            }
-            self.steps += 1;
-            match (&a, insn.as_ref().map(|i| i.mnemonic())) {
-                (StepKind::Delivered(_), _) => {
-                    self.deliveries += 1;
-                    in_handler += 1;
-                }
-                (StepKind::Executed, Some(Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq)) => {
-                    in_handler = in_handler.saturating_sub(1)
-                }
-                _ => {}
-            }
-            if let StepKind::End(e) = a {
-                if let Some(d) = self.final_compare()? {
-                    return Ok(Finish::Diverged(Box::new(d)));
-                }
-                return Ok(Finish::Identical {
-                    steps: self.steps,
-                    end: e,
-                });
+            for side in [&self.reference, &self.subject] {
+                let c = &side.pc.machine.clock;
+                c.warp_to(d.max(c.now_ns() + 1));
             }
         }
     }
@@ -1316,6 +1598,7 @@ impl Lockstep {
         };
         Ok(Some(Divergence {
             step: self.steps,
+            vcpu: self.smp_vcpu(),
             what,
             mnemonic,
             differences: diffs,
@@ -1372,6 +1655,7 @@ impl Lockstep {
         }
         Ok(Some(Divergence {
             step: self.steps,
+            vcpu: self.smp_vcpu(),
             what: format!(
                 "(end of run) at {:04x}:{:016x}",
                 ra.sregs.cs.selector, ra.regs.rip
@@ -1711,10 +1995,23 @@ pub fn kvm_side(
     ns_per_step: u64,
     ns_per_exit: u64,
 ) -> Result<Side> {
+    kvm_side_smp(name, pc, state, 1, ns_per_step, ns_per_exit)
+}
+
+/// A KVM side with `vcpus` vCPUs: vCPU 0 with `state`, the others in their
+/// reset state waiting for INIT / SIPI.
+pub fn kvm_side_smp(
+    name: &str,
+    pc: Pc,
+    state: &tandem_core::cpu::VcpuState,
+    vcpus: u32,
+    ns_per_step: u64,
+    ns_per_exit: u64,
+) -> Result<Side> {
     let vm = KvmVm::new(
         pc.machine.mem.clone(),
         &tandem_kvm::KvmVmOptions {
-            vcpus: 1,
+            vcpus: vcpus.max(1),
             kernel_irqchip: false,
         },
     )
@@ -1722,6 +2019,13 @@ pub fn kvm_side(
     let mut vcpu = vm.create_vcpu(0).context("cannot create vCPU 0")?;
     vcpu.set_state(state)
         .context("cannot load the entry state into KVM")?;
+    let mut aps = Vec::new();
+    for id in 1..vcpus {
+        aps.push(
+            vm.create_vcpu(id)
+                .with_context(|| format!("cannot create vCPU {id}"))?,
+        );
+    }
     let _ = pc
         .machine
         .fallback
@@ -1729,17 +2033,28 @@ pub fn kvm_side(
             Arc::new(vm.cpuid_table().clone()),
         )));
     let pvm = host_is_pvm();
-    Ok(Side::new(
+    let mut side = Side::new(
         name,
         pc,
         Cpu::Kvm {
             vcpu: Box::new(vcpu),
-            _vm: Box::new(vm),
+            _vm: Some(Box::new(vm)),
             pvm,
         },
         ns_per_step,
         ns_per_exit,
-    ))
+    );
+    for (id, v) in (1..).zip(aps) {
+        side.add_vcpu(
+            id,
+            Cpu::Kvm {
+                vcpu: Box::new(v),
+                _vm: None,
+                pvm,
+            },
+        );
+    }
+    Ok(side)
 }
 
 /// An interpreter side over `pc` with `state` and the CPUID KVM offers
@@ -1752,13 +2067,33 @@ pub fn interp_side(
     ns_per_step: u64,
     ns_per_exit: u64,
 ) -> Result<Side> {
-    let mut vcpu = InterpVcpu::new(0, pc.machine.mem.clone());
-    if let Ok(cpuid) = tandem_kvm::offered_cpuid(1) {
-        vcpu.set_cpuid(Arc::new(cpuid));
-    }
+    interp_side_smp(name, pc, state, 1, cache_off, ns_per_step, ns_per_exit)
+}
+
+/// An interpreter side with `vcpus` vCPUs: vCPU 0 with `state`, the others
+/// in their reset state waiting for INIT / SIPI.
+pub fn interp_side_smp(
+    name: &str,
+    pc: Pc,
+    state: &tandem_core::cpu::VcpuState,
+    vcpus: u32,
+    cache_off: bool,
+    ns_per_step: u64,
+    ns_per_exit: u64,
+) -> Result<Side> {
+    let cpuid = tandem_kvm::offered_cpuid(vcpus.max(1)).ok().map(Arc::new);
+    let new = |id: u32| {
+        let mut v = InterpVcpu::new(id, pc.machine.mem.clone());
+        if let Some(c) = &cpuid {
+            v.set_cpuid(c.clone());
+        }
+        v
+    };
+    let mut vcpu = new(0);
     vcpu.set_state(state)
         .context("cannot load the entry state into the interpreter")?;
-    Ok(Side::new(
+    let aps: Vec<InterpVcpu> = (1..vcpus).map(new).collect();
+    let mut side = Side::new(
         name,
         pc,
         Cpu::Interp {
@@ -1767,7 +2102,17 @@ pub fn interp_side(
         },
         ns_per_step,
         ns_per_exit,
-    ))
+    );
+    for (id, v) in (1..).zip(aps) {
+        side.add_vcpu(
+            id,
+            Cpu::Interp {
+                vcpu: Box::new(v),
+                cache_off,
+            },
+        );
+    }
+    Ok(side)
 }
 
 /// Rule summary, `name count` pairs.
@@ -1779,4 +2124,78 @@ pub fn masked_text(m: &BTreeMap<Rule, u64>) -> String {
         .map(|(r, n)| format!("{} {n}", rule_name(*r)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_core::pc::{ClockKind, IrqchipKind, LostTickPolicy, PcConfig};
+
+    fn pc(vcpus: u32) -> Pc {
+        Pc::new(PcConfig {
+            mem_size: 1 << 20,
+            vcpus,
+            clock: ClockKind::Virtual,
+            irqchip: IrqchipKind::User,
+            lost_ticks: LostTickPolicy::Discard,
+            serial_out: Box::new(std::io::sink()),
+        })
+        .unwrap()
+    }
+
+    /// Selecting a vCPU swaps it in with its own registers; the others keep
+    /// theirs; a vCPU the side does not have is refused.
+    #[test]
+    fn select_swaps_the_stepped_vcpu() {
+        let state = tandem_core::cpu::VcpuState::default();
+        let mut side = interp_side_smp("interp", pc(3), &state, 3, false, 1, 1_000).unwrap();
+        assert_eq!(side.vcpu_count(), 3);
+        assert_eq!((side.vcpu_id(), side.raw().id()), (0, 0));
+        let mut r = side.regs().unwrap();
+        r.rax = 0x1234;
+        side.v().set_regs(&r).unwrap();
+        assert!(side.select(2));
+        assert_eq!((side.vcpu_id(), side.raw().id()), (2, 2));
+        assert_ne!(
+            side.regs().unwrap().rax,
+            0x1234,
+            "vCPU 2 has its own registers"
+        );
+        assert!(!side.select(7));
+        assert_eq!(side.vcpu_id(), 2);
+        assert!(side.select(0));
+        assert_eq!(side.regs().unwrap().rax, 0x1234);
+    }
+
+    /// A vCPU that waits for a SIPI does not run; a halted one runs again
+    /// only when something ends its HLT.
+    #[test]
+    fn application_processors_wait_for_their_sipi() {
+        let state = tandem_core::cpu::VcpuState::default();
+        let mut side = interp_side_smp("interp", pc(2), &state, 2, false, 1, 1_000).unwrap();
+        assert!(side.startup().unwrap().0, "the BSP runs");
+        assert!(side.select(1));
+        let (runs, what) = side.startup().unwrap();
+        assert!(!runs, "{what}");
+        side.halted = Some(false);
+        assert!(!side.wakes());
+    }
+
+    #[test]
+    fn a_divergence_names_its_vcpu() {
+        let d = Divergence {
+            step: 7,
+            vcpu: Some(2),
+            what: "hlt".into(),
+            mnemonic: None,
+            differences: vec!["rax: 0x1 vs 0x2".into()],
+            table: String::new(),
+        };
+        let text = d.report("kvm", "interp");
+        assert!(text.starts_with("vCPU 2 diverges at: hlt"), "{text}");
+        let one = Divergence { vcpu: None, ..d };
+        assert!(one
+            .report("kvm", "interp")
+            .starts_with("first divergent instruction: hlt"));
+    }
 }

@@ -137,6 +137,11 @@ pub struct SerialState {
     pub rx_fifo: VecDeque<u8>,
     /// Host input not yet in the receiver (bounded by INPUT_QUEUE_LIMIT).
     pub input_queue: VecDeque<u8>,
+    /// Paced input: a queued byte reaches the receiver only when the guest
+    /// asks for one (reads LSR or enables the receive interrupt with the
+    /// receiver empty), so the bytes arrive at the same points of the
+    /// guest's run whatever the host's timing (`tandem diff --input`).
+    pub paced_input: bool,
     /// A THR-empty interrupt is pending (cleared by reading IIR when it is
     /// the reported source, or by writing THR).
     pub thre_pending: bool,
@@ -166,6 +171,7 @@ impl Default for SerialState {
             rbr: 0,
             rx_fifo: VecDeque::with_capacity(RX_FIFO_SIZE),
             input_queue: VecDeque::new(),
+            paced_input: false,
             thre_pending: false,
             timeout_pending: false,
             rx_timeout_at: None,
@@ -211,6 +217,11 @@ impl Serial {
         self.feed_input(now);
         self.update_irq();
         n
+    }
+
+    /// Paces host input (see [`SerialState::paced_input`]).
+    pub fn set_paced_input(&mut self, on: bool) {
+        self.st.paced_input = on;
     }
 
     /// Whether the host input queue has room.
@@ -336,7 +347,7 @@ impl Serial {
     /// Moves host input into the receiver while there is room. In loopback
     /// mode the receiver is disconnected from the line.
     fn feed_input(&mut self, now: u64) {
-        if self.loopback() {
+        if self.loopback() || self.st.paced_input {
             return;
         }
         while self.st.rx_fifo.len() < self.rx_capacity() {
@@ -481,9 +492,21 @@ impl Serial {
         self.st.rbr
     }
 
-    fn write_ier(&mut self, value: u8) {
+    /// Paced input: one queued byte into an empty receiver.
+    fn feed_paced(&mut self, now: u64) {
+        if self.st.paced_input && !self.loopback() && self.st.rx_fifo.is_empty() {
+            if let Some(b) = self.st.input_queue.pop_front() {
+                self.receive(b, now);
+            }
+        }
+    }
+
+    fn write_ier(&mut self, value: u8, now: u64) {
         let old = self.st.ier;
         self.st.ier = value & IER_MASK;
+        if (old ^ self.st.ier) & self.st.ier & IER_ERBFI != 0 {
+            self.feed_paced(now);
+        }
         // Enabling ETBEI while THR is empty makes a THRE interrupt pending
         // even if one was cleared by reading IIR before (QEMU and Bochs do
         // this on the rising edge; Linux's UART_BUG_THRE probe expects it).
@@ -542,6 +565,7 @@ impl Serial {
             LCR => self.st.lcr,
             MCR => self.st.mcr,
             LSR => {
+                self.feed_paced(now);
                 let v = self.lsr();
                 self.st.lsr &= !LSR_ERRORS;
                 v
@@ -562,7 +586,7 @@ impl Serial {
             RBR_THR_DLL if dlab => self.st.dll = value,
             RBR_THR_DLL => self.transmit(value, now),
             IER_DLM if dlab => self.st.dlm = value,
-            IER_DLM => self.write_ier(value),
+            IER_DLM => self.write_ier(value, now),
             IIR_FCR => self.write_fcr(value, now),
             LCR => self.st.lcr = value,
             MCR => self.write_mcr(value, now),
@@ -964,6 +988,26 @@ mod tests {
         r.wr(RBR_THR_DLL, 4);
         r.wr(IIR_FCR, FCR_RX_RESET);
         assert_eq!(r.rd(RBR_THR_DLL), 4);
+    }
+
+    #[test]
+    fn paced_input_arrives_when_the_guest_asks_for_it() {
+        let mut r = rig();
+        r.uart.set_paced_input(true);
+        assert_eq!(r.uart.push_input(b"ab"), 2);
+        // A FIFO reset (a driver's init) loses nothing: nothing arrived yet.
+        r.wr(IIR_FCR, FCR_FIFO_ENABLE | FCR_RX_RESET);
+        assert_eq!(r.uart.save_state().rx_fifo.len(), 0);
+        // Polling LSR with the receiver empty brings one byte.
+        assert_ne!(r.rd(LSR) & LSR_DR, 0);
+        assert_eq!(r.rd(RBR_THR_DLL), b'a');
+        assert_eq!(r.uart.save_state().rx_fifo.len(), 0, "one byte at a time");
+        // Enabling the receive interrupt with the receiver empty does too.
+        r.wr(MCR, MCR_OUT2);
+        r.wr(IER_DLM, IER_ERBFI);
+        assert!(r.line.level());
+        assert_eq!(r.rd(RBR_THR_DLL), b'b');
+        assert_eq!(r.rd(LSR) & LSR_DR, 0, "the queue is empty");
     }
 
     #[test]
