@@ -18,7 +18,9 @@ use crate::bus::{Bus, BusDevice, BusError, BusKind, SharedDevice};
 use crate::clock::{HostClock, SharedClock, VirtualClock};
 use crate::control::MachineControl;
 use crate::cpu::Msr;
-use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_PORTS, DEFAULT_S5_SLP_TYP, SCI_IRQ};
+use crate::devices::acpi_pm::{
+    AcpiPm, IrqTee, RtcInput, ACPI_PM_BASE, ACPI_PM_PORTS, DEFAULT_S5_SLP_TYP, SCI_IRQ,
+};
 use crate::devices::apic_router::ApicRouter;
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
 use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
@@ -321,9 +323,21 @@ impl Pc {
         pio.insert(rearming(serial.clone(), &timers), COM1_BASE, UART_PORTS)?;
         timers.add(serial.clone());
 
+        // The ACPI PM block (on the bus below) first: the RTC's IRQ 8 also
+        // reaches its RTC_STS, the S3 wake event.
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+            traced(Source::AcpiSci, SCI_IRQ),
+            clock.clone(),
+            control.clone(),
+            DEFAULT_S5_SLP_TYP,
+        )));
+
         // CMOS / RTC.
         let cmos = Arc::new(Mutex::new(Cmos::new(
-            traced(Source::Rtc, RTC_IRQ),
+            Arc::new(IrqTee(
+                traced(Source::Rtc, RTC_IRQ),
+                Arc::new(RtcInput::new(&acpi_pm)),
+            )),
             clock.clone(),
             // A reproducible run starts at a fixed date (2000-01-01 UTC).
             if cfg.clock == ClockKind::Virtual {
@@ -348,12 +362,6 @@ impl Pc {
         // ACPI PM block (PM timer, PM1 control with S5 poweroff, SCI on
         // IRQ 9), PCI configuration mechanism #1 with the i440FX and PIIX3
         // (and the 0xCF9 reset control), fw_cfg, pc-testdev.
-        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
-            traced(Source::AcpiSci, SCI_IRQ),
-            clock.clone(),
-            control.clone(),
-            DEFAULT_S5_SLP_TYP,
-        )));
         pio.insert(
             rearming(acpi_pm.clone(), &timers),
             ACPI_PM_BASE,
@@ -470,6 +478,20 @@ impl Pc {
             stop_threads: Arc::new(AtomicBool::new(false)),
         };
         pc.seabios_state();
+        pc.machine.control.set_wake_handler(Arc::new(PcWake {
+            mem: Arc::downgrade(&pc.machine.mem),
+            timers: Arc::downgrade(&pc.machine.timers),
+            chip: pc.irqchip.as_ref().map(|c| {
+                (
+                    Arc::downgrade(&c.pic),
+                    Arc::downgrade(&c.pit),
+                    Arc::downgrade(&c.ioapic),
+                    Arc::downgrade(&c.router),
+                )
+            }),
+            cmos: Arc::downgrade(&pc.cmos),
+            acpi_pm: Arc::downgrade(&acpi_pm),
+        }));
         Ok(pc)
     }
 
@@ -565,32 +587,9 @@ impl Pc {
     /// Leaves the legacy devices as SeaBIOS leaves them on QEMU: PIC bases
     /// 0x08 / 0x70, masks 0xB8 / 0x8E, PIT channel 0 at 18.2 Hz.
     fn seabios_state(&self) {
-        use crate::devices::pic::PicChip;
-        let Some(chip) = &self.irqchip else {
-            return;
-        };
-        let mut pic = chip.pic.lock().unwrap_or_else(|p| p.into_inner());
-        for (chip, base, icw3, mask) in [
-            (PicChip::Master, 0x08, 0x04, 0xB8),
-            (PicChip::Slave, 0x70, 0x02, 0x8E),
-        ] {
-            pic.write_port(chip, 0, 0x11);
-            pic.write_port(chip, 1, base);
-            pic.write_port(chip, 1, icw3);
-            pic.write_port(chip, 1, 0x01);
-            pic.write_port(chip, 1, mask);
+        if let Some(chip) = &self.irqchip {
+            seabios_legacy_state(chip, &self.machine.timers);
         }
-        drop(pic);
-        chip.pit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .program_bios_defaults();
-        // SeaBIOS enables the BSP's LAPIC in virtual-wire mode: software
-        // enabled with spurious vector 0xFF, LINT0 ExtINT, LINT1 NMI.
-        for (offset, value) in [(0xf0u64, 0x1ffu32), (0x350, 0x8700), (0x360, 0x8400)] {
-            chip.router.mmio_write(0, offset, &value.to_le_bytes());
-        }
-        self.machine.timers.rearm();
     }
 
     /// Makes the guest's TSC and the one Tandem's LAPIC compares TSC
@@ -613,6 +612,14 @@ impl Pc {
             chip.router.set_tsc(khz, offset);
         }
         Ok(())
+    }
+
+    /// Tells the LAPICs the processor's MAXPHYADDR (from its CPUID), which
+    /// bounds the base WRMSR IA32_APIC_BASE may set (SDM vol. 3, 11.4.4).
+    pub fn set_phys_addr_bits(&self, bits: u8) {
+        if let Some(chip) = &self.irqchip {
+            chip.router.set_phys_addr_bits(bits);
+        }
     }
 
     /// Starts the timer watcher, the host thread that kicks vCPUs when a
@@ -722,6 +729,98 @@ impl Pc {
             }
         }
         out
+    }
+}
+
+/// The legacy devices as SeaBIOS leaves them on QEMU, at boot and on an S3
+/// resume (its `pic_setup`): PIC bases 0x08 / 0x70, masks 0xB8 / 0x8E, PIT
+/// channel 0 at 18.2 Hz, the BSP's LAPIC in virtual-wire mode.
+fn seabios_legacy_state(chip: &UserIrqchip, timers: &TimerSet) {
+    use crate::devices::pic::PicChip;
+    let mut pic = chip.pic.lock().unwrap_or_else(|p| p.into_inner());
+    for (chip, base, icw3, mask) in [
+        (PicChip::Master, 0x08, 0x04, 0xB8),
+        (PicChip::Slave, 0x70, 0x02, 0x8E),
+    ] {
+        pic.write_port(chip, 0, 0x11);
+        pic.write_port(chip, 1, base);
+        pic.write_port(chip, 1, icw3);
+        pic.write_port(chip, 1, 0x01);
+        pic.write_port(chip, 1, mask);
+    }
+    drop(pic);
+    chip.pit
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .program_bios_defaults();
+    // SeaBIOS enables the BSP's LAPIC in virtual-wire mode: software
+    // enabled with spurious vector 0xFF, LINT0 ExtINT, LINT1 NMI.
+    for (offset, value) in [(0xf0u64, 0x1ffu32), (0x350, 0x8700), (0x360, 0x8400)] {
+        chip.router.mmio_write(0, offset, &value.to_le_bytes());
+    }
+    timers.rearm();
+}
+
+/// A wake from S3 on the `pc` machine (QEMU's `pc_machine_wakeup`: a
+/// machine reset that keeps RAM; then SeaBIOS's resume path). Devices reset:
+/// the LAPICs (power-up state: APs back in wait-for-SIPI), the IOAPIC, the
+/// 8259A pair and PIT (then set up as SeaBIOS does), the RTC's interrupt
+/// enables and flags (its time, alarm and CMOS RAM kept) and PM1_CNT
+/// (PM1_STS with WAK_STS and PM1_EN kept). Not reset: COM1, the i8042,
+/// fw_cfg, the PCI configuration registers and pc-testdev, which hold no
+/// state a resuming OS relies on. The waking vector is read from the FACS
+/// as SeaBIOS finds it; a vector at or above 1 MiB (SeaBIOS would call it
+/// in 32-bit mode) is not supported and makes the wake a reset.
+struct PcWake {
+    mem: Weak<GuestMemory>,
+    timers: Weak<TimerSet>,
+    #[allow(clippy::type_complexity)]
+    chip: Option<(
+        Weak<Mutex<Pic>>,
+        Weak<Mutex<Pit>>,
+        Weak<Mutex<IoApic>>,
+        Weak<ApicRouter>,
+    )>,
+    cmos: Weak<Mutex<Cmos>>,
+    acpi_pm: Weak<Mutex<AcpiPm>>,
+}
+
+impl crate::control::WakeHandler for PcWake {
+    fn wake(&self) -> Option<u32> {
+        let timers = self.timers.upgrade()?;
+        if let Some((pic, pit, ioapic, router)) = &self.chip {
+            if let (Some(pic), Some(pit), Some(ioapic), Some(router)) = (
+                pic.upgrade(),
+                pit.upgrade(),
+                ioapic.upgrade(),
+                router.upgrade(),
+            ) {
+                for i in 0..router.len() as u32 {
+                    if let Some(l) = router.lapic(i) {
+                        l.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                    }
+                }
+                ioapic.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                pic.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                pit.lock().unwrap_or_else(|p| p.into_inner()).reset();
+                let chip = UserIrqchip {
+                    pic,
+                    pit,
+                    ioapic,
+                    router,
+                };
+                seabios_legacy_state(&chip, &timers);
+            }
+        }
+        if let Some(c) = self.cmos.upgrade() {
+            c.lock().unwrap_or_else(|p| p.into_inner()).system_reset();
+        }
+        if let Some(pm) = self.acpi_pm.upgrade() {
+            pm.lock().unwrap_or_else(|p| p.into_inner()).wake_reset();
+        }
+        timers.rearm();
+        let mem = self.mem.upgrade()?;
+        crate::devices::acpi_pm::find_firmware_waking_vector(&mem).filter(|&v| v < 0x10_0000)
     }
 }
 
@@ -1164,5 +1263,93 @@ mod tests {
                 .mmio
                 .read(TESTDEV_IOMEM_BASE + TESTDEV_IOMEM_SIZE, &mut b));
         }
+    }
+
+    /// ACPI S3 through the run loop: the BSP's SLP_EN write suspends the
+    /// machine (its next exit is not taken), the virtual clock warps to the
+    /// RTC alarm, the wake sets WAK_STS / RTC_STS, resets the devices and
+    /// resumes the BSP at the FACS waking vector as CS:IP; the AP stays in
+    /// wait-for-SIPI.
+    #[test]
+    fn s3_suspend_and_wake_through_the_run_loop() {
+        let pc = Pc::new(PcConfig {
+            mem_size: 4 << 20,
+            vcpus: 2,
+            clock: ClockKind::Virtual,
+            irqchip: IrqchipKind::User,
+            lost_ticks: LostTickPolicy::Discard,
+            serial_out: Box::new(std::io::sink()),
+        })
+        .unwrap();
+        let m = &pc.machine;
+        // RSDP -> RSDT -> FADT -> FACS with Firmware_Waking_Vector 0x7008.
+        let mem = &m.mem;
+        mem.write(0xF_E000, b"RSD PTR ").unwrap();
+        mem.write_u32(0xF_E000 + 16, 0xF_9000).unwrap();
+        mem.write(0xF_9000, b"RSDT").unwrap();
+        mem.write_u32(0xF_9004, 40).unwrap();
+        mem.write_u32(0xF_9000 + 36, 0xF_8100).unwrap();
+        mem.write(0xF_8100, b"FACP").unwrap();
+        mem.write_u32(0xF_8100 + 36, 0xF_8000).unwrap();
+        mem.write(0xF_8000, b"FACS").unwrap();
+        mem.write_u32(0xF_8000 + 12, 0x7008).unwrap();
+        // PM1_EN.RTC_EN; the RTC alarm "don't care" with AIE.
+        m.pio.write(0x602, &[0x00, 0x04]);
+        for (index, value) in [(0x01u8, 0xC0u8), (0x03, 0xC0), (0x05, 0xC0), (0x0B, 0x22)] {
+            m.pio.write(0x70, &[index]);
+            m.pio.write(0x71, &[value]);
+        }
+        let mut bsp = FakeVcpu::new(0);
+        let mut ap = FakeVcpu::new(1);
+        // SLP_EN | SLP_TYP 1, then (after the wake) an isa-debug-exit
+        // write of the same data.
+        bsp.io = vec![0x00, 0x24];
+        bsp.exits.push_back(VcpuExit::IoOut {
+            port: 0x604,
+            size: 2,
+            count: 1,
+        });
+        bsp.exits.push_back(VcpuExit::IoOut {
+            port: 0xF4,
+            size: 2,
+            count: 1,
+        });
+        let mut stats = ExitStats::default();
+        let outcome = {
+            let mut vcpus: [&mut dyn Vcpu; 2] = [&mut bsp, &mut ap];
+            m.run_round_robin(&mut vcpus, &mut stats).unwrap()
+        };
+        assert_eq!(
+            outcome,
+            RunOutcome::Stop(crate::StopRequest::DebugExit(0x2400))
+        );
+        assert_eq!(
+            m.control.wakes(),
+            1,
+            "the exit after SLP_EN ran after the wake"
+        );
+        assert!(m.clock.now_ns() >= 1_000_000_000, "slept until the alarm");
+        assert_eq!(bsp.sregs.cs.selector, 0x700);
+        assert_eq!(bsp.sregs.cs.base, 0x7000);
+        assert_eq!(bsp.regs.rip, 8);
+        assert_eq!(bsp.sregs.cr0 & cr0::PE, 0, "real mode");
+        let mut b = [0u8; 2];
+        m.pio.read(0x600, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x8400, "WAK_STS | RTC_STS");
+        m.pio.read(0x602, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0, "PM1_EN reset");
+        m.pio.write(0x70, &[0x0B]);
+        m.pio.read(0x71, &mut b[..1]);
+        assert_eq!(b[0], 0x02, "AIE cleared by the wake");
+        let chip = pc.irqchip.as_ref().unwrap();
+        assert!(
+            chip.router
+                .lapic(1)
+                .unwrap()
+                .lock()
+                .unwrap()
+                .wait_for_sipi(),
+            "the AP waits for a SIPI"
+        );
     }
 }

@@ -25,10 +25,13 @@
 //! hand-over and is always in ACPI mode (ACPI 6.4 table 5.9, SMI_CMD), so the
 //! PM device should report PM1_CNT.SCI_EN set from reset.
 //!
-//! Sleep states: only `\_S5` (soft off) is declared, with SLP_TYP 0 for
-//! PM1a and PM1b, as QEMU's DSDT does for PIIX4 (`Package { 0, 0, 0, 0 }`).
-//! The PM device treats a PM1_CNT write with SLP_EN set and SLP_TYP 0 as
-//! power-off. The DSDT declares no `\_SB.PCI0`: the platform has no PCI host
+//! Sleep states: `\_S3` (suspend to RAM) with SLP_TYP 1 and `\_S5` (soft
+//! off) with SLP_TYP 0 for PM1a and PM1b, as QEMU's DSDT does for PIIX4
+//! (`Package { 1, 1, 0, 0 }` and `Package { 0, 0, 0, 0 }`; no `\_S4`, as
+//! with QEMU's `disable_s4`). The PM device treats a PM1_CNT write with
+//! SLP_EN set as power-off with SLP_TYP 0 and as a suspend with SLP_TYP 1;
+//! on the wake the FACS (whose Firmware_Waking_Vector the OS writes) is
+//! found again through the RSDP, as SeaBIOS does. The DSDT declares no `\_SB.PCI0`: the platform has no PCI host
 //! bridge, and declaring one would send the OS looking for it.
 
 use thiserror::Error;
@@ -96,6 +99,8 @@ pub mod pm {
     pub const RESET_VALUE: u8 = 0x06;
     /// SLP_TYP value `\_S5` declares for PM1a and PM1b (QEMU's PIIX4 DSDT).
     pub const S5_SLP_TYP: u8 = 0;
+    /// SLP_TYP value `\_S3` declares for PM1a and PM1b (QEMU's PIIX4 DSDT).
+    pub const S3_SLP_TYP: u8 = 1;
 }
 
 /// FADT Flags bits (ACPI 6.4 table 5.10).
@@ -271,24 +276,32 @@ fn build_facs() -> Vec<u8> {
     let mut f = vec![0u8; FACS_LEN];
     f[0..4].copy_from_slice(b"FACS");
     f[4..8].copy_from_slice(&(FACS_LEN as u32).to_le_bytes());
-    // Hardware signature, waking vectors, global lock and flags stay 0: no
-    // S4 and no wake support. Version 2 (ACPI 4.0+ layout with OSPM flags).
+    // Hardware signature, waking vectors (the OS writes
+    // Firmware_Waking_Vector before S3), global lock and flags stay 0: no
+    // S4 and no 64-bit wake support. Version 2 (ACPI 4.0+ layout with OSPM
+    // flags).
     f[32] = 2;
     f
 }
 
-/// The DSDT's AML: `Name (\_S5, Package (0x04) { Zero, Zero, Zero, Zero })`.
+/// The DSDT's AML: `Name (\_S3, Package (0x04) { One, One, Zero, Zero })`
+/// and `Name (\_S5, Package (0x04) { Zero, Zero, Zero, Zero })`.
 fn dsdt_aml() -> Result<Vec<u8>, aml::AmlError> {
-    let s5 = u64::from(pm::S5_SLP_TYP);
-    aml::name(
-        "\\_S5",
-        &aml::package(&[
-            aml::integer(s5), // PM1a_CNT.SLP_TYP
-            aml::integer(s5), // PM1b_CNT.SLP_TYP (no PM1b block)
-            aml::integer(0),  // reserved
-            aml::integer(0),  // reserved
-        ])?,
-    )
+    let sleep_state = |name: &str, slp_typ: u8| {
+        let t = u64::from(slp_typ);
+        aml::name(
+            name,
+            &aml::package(&[
+                aml::integer(t), // PM1a_CNT.SLP_TYP
+                aml::integer(t), // PM1b_CNT.SLP_TYP (no PM1b block)
+                aml::integer(0), // reserved
+                aml::integer(0), // reserved
+            ])?,
+        )
+    };
+    let mut aml = sleep_state("\\_S3", pm::S3_SLP_TYP)?;
+    aml.extend(sleep_state("\\_S5", pm::S5_SLP_TYP)?);
+    Ok(aml)
 }
 
 fn build_dsdt() -> Result<Vec<u8>, aml::AmlError> {
@@ -1234,16 +1247,36 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_aml_declares_a_well_formed_s5_package() {
+    fn dsdt_aml_declares_well_formed_s3_and_s5_packages() {
         let (mem, _) = guest(1);
         let dsdt = walk(&mem).dsdt;
         let terms = parse_aml(&dsdt[SDT_HEADER_LEN..]).expect("DSDT AML does not parse");
         assert_eq!(
             terms,
-            vec![Aml::Name(
-                "\\_S5_".into(),
-                Box::new(Aml::Package(vec![Aml::Int(0); 4]))
-            )]
+            vec![
+                Aml::Name(
+                    "\\_S3_".into(),
+                    Box::new(Aml::Package(vec![
+                        Aml::Int(1),
+                        Aml::Int(1),
+                        Aml::Int(0),
+                        Aml::Int(0)
+                    ]))
+                ),
+                Aml::Name(
+                    "\\_S5_".into(),
+                    Box::new(Aml::Package(vec![Aml::Int(0); 4]))
+                )
+            ]
+        );
+        // The PM device suspends on the same values.
+        assert_eq!(
+            pm::S3_SLP_TYP,
+            tandem_core::devices::acpi_pm::DEFAULT_S3_SLP_TYP
+        );
+        assert_eq!(
+            pm::S5_SLP_TYP,
+            tandem_core::devices::acpi_pm::DEFAULT_S5_SLP_TYP
         );
     }
 

@@ -19,6 +19,17 @@
 //! Any other offset reads as all ones (an unclaimed ISA port) and ignores
 //! writes. Registers decode byte-wise: a byte access touches only its byte.
 //!
+//! Sleep (ACPI spec 4.8.3.2.1 and 7.4.2): a PM1_CNT write with SLP_EN and
+//! the SLP_TYP of \_S5 powers off; with \_S3's (1 in QEMU's DSDT, and
+//! Tandem's) it suspends the machine through
+//! [`MachineControl::suspend`]. Other sleep types (S1, S4 / 2) are
+//! ignored: the guest keeps running. While suspended, a rising RTC
+//! interrupt ([`RtcInput`], IRQ 8 teed off the RTC) with RTC_EN set wakes the
+//! machine: RTC_STS and WAK_STS are set (ACPI spec 4.8.3.1.1) and
+//! [`MachineControl::request_wake`] asks the run loop to resume. RTC_STS is
+//! set by every RTC interrupt, asleep or not (PIIX4 datasheet, PMSTS bit
+//! 10: "set when the RTC generates an alarm (assertion of IRQ8)").
+//!
 //! The SCI (ISA IRQ 9, level) is asserted while
 //! `(PM1_STS & PM1_EN & (TMR|GBL|PWRBTN|RTC)) != 0` or
 //! `(GPE0_STS & GPE0_EN) != 0`, as in QEMU's `acpi_update_sci`.
@@ -57,6 +68,8 @@ pub const GPE0_BLK_LEN: u8 = 4;
 pub const PM_TIMER_HZ: u64 = 3_579_545;
 /// The SLP_TYP value of \_S5 in QEMU's piix4 DSDT.
 pub const DEFAULT_S5_SLP_TYP: u8 = 0;
+/// The SLP_TYP of \_S3 in QEMU's piix4 DSDT (and Tandem's).
+pub const DEFAULT_S3_SLP_TYP: u8 = 1;
 /// Port of the PIIX3 reset control register.
 pub const RESET_CONTROL_PORT: u64 = 0xCF9;
 
@@ -149,6 +162,7 @@ pub struct AcpiPm {
     clock: SharedClock,
     control: Arc<MachineControl>,
     s5_slp_typ: u8,
+    s3_slp_typ: u8,
 }
 
 impl std::fmt::Debug for AcpiPm {
@@ -156,6 +170,7 @@ impl std::fmt::Debug for AcpiPm {
         f.debug_struct("AcpiPm")
             .field("state", &self.st)
             .field("s5_slp_typ", &self.s5_slp_typ)
+            .field("s3_slp_typ", &self.s3_slp_typ)
             .finish()
     }
 }
@@ -177,7 +192,40 @@ impl AcpiPm {
             clock,
             control,
             s5_slp_typ: s5_slp_typ & 0x7,
+            s3_slp_typ: DEFAULT_S3_SLP_TYP,
         }
+    }
+
+    /// Sets the SLP_TYP that suspends to RAM (the DSDT's \_S3 value; only
+    /// bits 2:0 count). [`DEFAULT_S3_SLP_TYP`] unless set.
+    pub fn set_s3_slp_typ(&mut self, slp_typ: u8) {
+        self.s3_slp_typ = slp_typ & 0x7;
+    }
+
+    /// The RTC raised its interrupt (a rising edge of IRQ 8): RTC_STS is
+    /// set; a suspended machine with RTC_EN set wakes (WAK_STS).
+    pub fn rtc_interrupt(&mut self) {
+        self.st.pm1_sts |= RTC_STS;
+        if self.st.pm1_en & RTC_STS != 0 && self.control.request_wake() {
+            self.st.pm1_sts |= WAK_STS;
+        }
+        self.update_sci();
+    }
+
+    /// The PM block's part of a wake from S3, as QEMU's: the machine reset
+    /// clears the registers (PM1_EN, PM1_CNT to SCI_EN, GPE0, the timer's
+    /// TMR_STS latch), and the wake leaves WAK_STS and the wake reason
+    /// (RTC_STS) in PM1_STS for the OS to read on resume. With the
+    /// enables clear the SCI drops.
+    pub fn wake_reset(&mut self) {
+        let now = self.clock.now_ns();
+        self.st.pm1_sts &= WAK_STS | RTC_STS;
+        self.st.pm1_en = 0;
+        self.st.pm1_cnt = SCI_EN;
+        self.st.gpe0_sts = 0;
+        self.st.gpe0_en = 0;
+        self.st.tmr_overflow_tick = next_toggle(ticks_at(now));
+        self.update_sci();
     }
 
     pub fn save_state(&self) -> AcpiPmState {
@@ -271,10 +319,12 @@ impl AcpiPm {
                 self.st.pm1_cnt = cnt & !SLP_EN;
                 if v & SLP_EN != 0 {
                     let slp_typ = ((cnt & SLP_TYP_MASK) >> SLP_TYP_SHIFT) as u8;
-                    // Only S5 is modelled; other sleep types (S3, S4) are
-                    // ignored: the guest keeps running.
+                    // S5 and S3 are modelled; other sleep types (S1, S4)
+                    // are ignored: the guest keeps running.
                     if slp_typ == self.s5_slp_typ {
                         self.control.request(StopRequest::Poweroff);
+                    } else if slp_typ == self.s3_slp_typ {
+                        self.control.suspend();
                     }
                 }
             }
@@ -344,13 +394,15 @@ impl BusDevice for AcpiPm {
         );
         let _ = writeln!(
             out,
-            "  PM_TMR={:#08x} next TMR_STS at tick {:#x}; GPE0_STS={:#06x} GPE0_EN={:#06x}; SCI (IRQ {SCI_IRQ}) {}; S5 SLP_TYP={}",
+            "  PM_TMR={:#08x} next TMR_STS at tick {:#x}; GPE0_STS={:#06x} GPE0_EN={:#06x}; SCI (IRQ {SCI_IRQ}) {}; S5 SLP_TYP={} S3 SLP_TYP={} ({:?})",
             self.timer_value(),
             s.tmr_overflow_tick,
             s.gpe0_sts,
             s.gpe0_en,
             if s.sci_level { "asserted" } else { "deasserted" },
-            self.s5_slp_typ
+            self.s5_slp_typ,
+            self.s3_slp_typ,
+            self.control.sleep_state()
         );
         out
     }
@@ -366,6 +418,82 @@ impl TimerDevice for Mutex<AcpiPm> {
         pm.latch_timer(now);
         pm.update_sci();
     }
+}
+
+/// The PM block's RTC input: an [`IrqLine`] that the RTC's IRQ 8 is teed
+/// into (see [`IrqTee`]); a rising edge is [`AcpiPm::rtc_interrupt`].
+pub struct RtcInput {
+    pm: std::sync::Weak<Mutex<AcpiPm>>,
+    level: std::sync::atomic::AtomicBool,
+}
+
+impl RtcInput {
+    pub fn new(pm: &Arc<Mutex<AcpiPm>>) -> Self {
+        RtcInput {
+            pm: Arc::downgrade(pm),
+            level: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl IrqLine for RtcInput {
+    fn set_level(&self, level: bool) {
+        let was = self.level.swap(level, std::sync::atomic::Ordering::AcqRel);
+        if level && !was {
+            if let Some(pm) = self.pm.upgrade() {
+                pm.lock().unwrap_or_else(|p| p.into_inner()).rtc_interrupt();
+            }
+        }
+    }
+}
+
+/// One output driving two inputs (the RTC's IRQ 8 goes to the interrupt
+/// controllers and to the PM block's RTC_STS).
+pub struct IrqTee(pub Arc<dyn IrqLine>, pub Arc<dyn IrqLine>);
+
+impl IrqLine for IrqTee {
+    fn set_level(&self, level: bool) {
+        self.0.set_level(level);
+        self.1.set_level(level);
+    }
+}
+
+/// Where the BIOS looks for the RSDP (ACPI spec 5.2.5.1: the 16-byte
+/// boundaries of the BIOS read-only area).
+const RSDP_SCAN: std::ops::Range<u64> = 0xE_0000..0x10_0000;
+
+/// The FACS Firmware_Waking_Vector as SeaBIOS's `find_resume_vector` reads
+/// it on an S3 resume: the RSDP found in `0xE0000..0x100000`, its RSDT, the
+/// FADT ("FACP") there, the FADT's FIRMWARE_CTRL, and the 32-bit vector at
+/// offset 12 of that "FACS". X_Firmware_Waking_Vector (ACPI 2.0) is not
+/// used, as SeaBIOS does not. `None` when a table is missing or malformed,
+/// or the vector is 0 (no OS waking vector: the wake is a reset).
+pub fn find_firmware_waking_vector(mem: &crate::memory::GuestMemory) -> Option<u32> {
+    let mut sig = [0u8; 8];
+    let rsdp = RSDP_SCAN
+        .step_by(16)
+        .find(|&a| mem.read(a, &mut sig).is_ok() && &sig == b"RSD PTR ")?;
+    let rsdt = u64::from(mem.read_u32(rsdp + 16).ok()?);
+    let mut table_sig = [0u8; 4];
+    mem.read(rsdt, &mut table_sig).ok()?;
+    if &table_sig != b"RSDT" {
+        return None;
+    }
+    let len = u64::from(mem.read_u32(rsdt + 4).ok()?);
+    // 36-byte header, then 32-bit table addresses (bounded: at most 1024).
+    let entries = len.saturating_sub(36) / 4;
+    let fadt = (0..entries.min(1024)).find_map(|i| {
+        let t = u64::from(mem.read_u32(rsdt + 36 + 4 * i).ok()?);
+        let mut sig = [0u8; 4];
+        mem.read(t, &mut sig).ok()?;
+        (&sig == b"FACP").then_some(t)
+    })?;
+    let facs = u64::from(mem.read_u32(fadt + 36).ok()?);
+    mem.read(facs, &mut table_sig).ok()?;
+    if &table_sig != b"FACS" {
+        return None;
+    }
+    mem.read_u32(facs + 12).ok().filter(|&v| v != 0)
 }
 
 /// What the reset control register holds.
@@ -549,14 +677,126 @@ mod tests {
         assert_eq!(inw(&mut r.pm, PM1_CNT) & SCI_EN, SCI_EN);
         outw(&mut r.pm, PM1_CNT, 0);
         assert_eq!(inw(&mut r.pm, PM1_CNT), SCI_EN);
-        // SLP_TYP = 1 (S3 in QEMU's DSDT) with SLP_EN: nothing.
-        outw(&mut r.pm, PM1_CNT, (1 << 10) | SLP_EN);
+        // SLP_TYP = 2 (S4 in QEMU's DSDT) with SLP_EN: nothing.
+        outw(&mut r.pm, PM1_CNT, (2 << 10) | SLP_EN);
         assert!(!r.control.stop_requested());
-        assert_eq!(inw(&mut r.pm, PM1_CNT), (1 << 10) | SCI_EN);
+        assert!(!r.control.power_event());
+        assert_eq!(inw(&mut r.pm, PM1_CNT), (2 << 10) | SCI_EN);
         // SLP_TYP = 0 (S5) with SLP_EN: power off. SLP_EN reads 0.
         outw(&mut r.pm, PM1_CNT, SLP_EN);
         assert_eq!(r.control.stop_request(), Some(StopRequest::Poweroff));
         assert_eq!(inw(&mut r.pm, PM1_CNT) & SLP_EN, 0);
+    }
+
+    #[test]
+    fn slp_en_with_s3_type_suspends() {
+        use crate::control::SleepState;
+        let mut r = rig();
+        // SLP_TYP alone does nothing.
+        outw(&mut r.pm, PM1_CNT, 1 << 10);
+        assert_eq!(r.control.sleep_state(), SleepState::Awake);
+        // kvm-unit-tests' s3: outw(0x2400) = SLP_EN | SLP_TYP 1.
+        outw(&mut r.pm, PM1_CNT, 0x2400);
+        assert_eq!(r.control.sleep_state(), SleepState::Suspended);
+        assert!(r.control.power_event());
+        assert!(!r.control.stop_requested(), "S3 is not a stop");
+        assert_eq!(inw(&mut r.pm, PM1_CNT), (1 << 10) | SCI_EN);
+        assert!(r.pm.dump().contains("S3 SLP_TYP=1 (Suspended)"));
+        // The wake resets PM1_CNT and PM1_EN, and keeps WAK_STS / RTC_STS.
+        outw(&mut r.pm, PM1_EN, RTC_STS | TMR_STS);
+        r.pm.rtc_interrupt();
+        r.pm.press_power_button();
+        assert_eq!(inw(&mut r.pm, PM1_STS), WAK_STS | RTC_STS | PWRBTN_STS);
+        assert!(r.pm.sci_level());
+        r.pm.wake_reset();
+        assert_eq!(inw(&mut r.pm, PM1_CNT), SCI_EN);
+        assert_eq!(inw(&mut r.pm, PM1_EN), 0);
+        assert_eq!(inw(&mut r.pm, PM1_STS), WAK_STS | RTC_STS);
+        assert!(!r.pm.sci_level());
+        // The \_S3 value is a parameter.
+        let mut q = rig();
+        q.pm.set_s3_slp_typ(5);
+        outw(&mut q.pm, PM1_CNT, 0x2400);
+        assert_eq!(q.control.sleep_state(), SleepState::Awake);
+        outw(&mut q.pm, PM1_CNT, (5 << 10) | SLP_EN);
+        assert_eq!(q.control.sleep_state(), SleepState::Suspended);
+    }
+
+    #[test]
+    fn rtc_interrupt_sets_rtc_sts_and_wakes_only_with_rtc_en() {
+        use crate::control::SleepState;
+        let r = rig();
+        let control = r.control.clone();
+        let sci = r.sci.clone();
+        let pm = Arc::new(Mutex::new(r.pm));
+        let rtc_line = RtcInput::new(&pm);
+        // Awake: the RTC interrupt sets RTC_STS, no SCI (RTC_EN clear).
+        rtc_line.set_level(true);
+        rtc_line.set_level(false);
+        {
+            let mut g = pm.lock().unwrap();
+            assert_eq!(inw(&mut g, PM1_STS), RTC_STS);
+            outw(&mut g, PM1_STS, RTC_STS);
+            assert_eq!(inw(&mut g, PM1_STS), 0);
+            // Asleep without RTC_EN: no wake.
+            outw(&mut g, PM1_CNT, 0x2400);
+        }
+        rtc_line.set_level(true);
+        assert_eq!(control.sleep_state(), SleepState::Suspended);
+        rtc_line.set_level(false);
+        {
+            let mut g = pm.lock().unwrap();
+            assert_eq!(inw(&mut g, PM1_STS), RTC_STS);
+            outw(&mut g, PM1_STS, RTC_STS);
+            outw(&mut g, PM1_EN, RTC_STS);
+        }
+        assert!(!sci.level.load(Ordering::SeqCst));
+        // A level that stays high is one edge.
+        rtc_line.set_level(true);
+        assert_eq!(control.sleep_state(), SleepState::WakePending);
+        {
+            let mut g = pm.lock().unwrap();
+            assert_eq!(inw(&mut g, PM1_STS), WAK_STS | RTC_STS);
+            outw(&mut g, PM1_STS, RTC_STS);
+        }
+        rtc_line.set_level(true);
+        assert_eq!(pm.lock().unwrap().save_state().pm1_sts, WAK_STS);
+        // RTC_STS with RTC_EN raised the SCI (ACPI's fixed RTC event).
+        assert_eq!(*sci.changes.lock().unwrap(), vec![true, false]);
+        // A tee drives both inputs.
+        let other = Arc::new(RecLine::default());
+        let tee = IrqTee(other.clone(), Arc::new(RtcInput::new(&pm)));
+        tee.set_level(true);
+        assert!(other.level.load(Ordering::SeqCst));
+        assert_eq!(pm.lock().unwrap().save_state().pm1_sts, WAK_STS | RTC_STS);
+    }
+
+    #[test]
+    fn waking_vector_found_through_rsdp_rsdt_fadt_facs() {
+        let mem = crate::memory::GuestMemory::new(2 << 20).unwrap();
+        assert_eq!(find_firmware_waking_vector(&mem), None);
+        let (rsdp, rsdt, fadt, facs) = (0xF_E000u64, 0xF_9000u64, 0xF_8100u64, 0xF_8000u64);
+        mem.write(rsdp, b"RSD PTR ").unwrap();
+        mem.write_u32(rsdp + 16, rsdt as u32).unwrap();
+        mem.write(rsdt, b"RSDT").unwrap();
+        mem.write_u32(rsdt + 4, 36 + 8).unwrap();
+        mem.write_u32(rsdt + 36, 0xF_A000).unwrap(); // an APIC table
+        mem.write(0xF_A000, b"APIC").unwrap();
+        mem.write_u32(rsdt + 40, fadt as u32).unwrap();
+        mem.write(fadt, b"FACP").unwrap();
+        mem.write_u32(fadt + 36, facs as u32).unwrap();
+        // Not a FACS yet.
+        assert_eq!(find_firmware_waking_vector(&mem), None);
+        mem.write(facs, b"FACS").unwrap();
+        // No vector set: none.
+        assert_eq!(find_firmware_waking_vector(&mem), None);
+        mem.write_u32(facs + 12, 0x1000).unwrap();
+        assert_eq!(find_firmware_waking_vector(&mem), Some(0x1000));
+        // A FIRMWARE_CTRL beyond RAM, or an absurd RSDT length: none, no panic.
+        mem.write_u32(fadt + 36, 0xFFFF_FFF0).unwrap();
+        assert_eq!(find_firmware_waking_vector(&mem), None);
+        mem.write_u32(rsdt + 4, u32::MAX).unwrap();
+        assert_eq!(find_firmware_waking_vector(&mem), None);
     }
 
     #[test]
@@ -727,6 +967,14 @@ mod tests {
             assert!(pm_timer_only_24_bits(inl(&mut r.pm, PM_TMR)));
             assert_eq!(r.pm.sci_level(), r.pm.sci_wanted());
             assert_eq!(inw(&mut r.pm, PM1_CNT) & (SCI_EN | SLP_EN), SCI_EN);
+            if x % 97 == 0 {
+                r.pm.rtc_interrupt();
+                assert_ne!(inw(&mut r.pm, PM1_STS) & RTC_STS, 0);
+            }
+            if x % 89 == 0 {
+                r.pm.wake_reset();
+                r.control.complete_wake();
+            }
         }
         let _ = r.clock.now_ns();
     }

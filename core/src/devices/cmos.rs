@@ -73,6 +73,7 @@ const REG_B_SET: u8 = 0x80;
 const REG_B_PIE: u8 = 0x40;
 const REG_B_AIE: u8 = 0x20;
 const REG_B_UIE: u8 = 0x10;
+const REG_B_SQWE: u8 = 0x08;
 const REG_B_DM_BINARY: u8 = 0x04;
 const REG_B_24H: u8 = 0x02;
 
@@ -315,6 +316,20 @@ impl Cmos {
 
     pub fn save_state(&self) -> CmosState {
         self.st.clone()
+    }
+
+    /// What a system reset does to the RTC, as QEMU's `rtc_reset_enter`
+    /// (the `pc` machine's wake from S3 is such a reset): the time, the
+    /// alarm and the CMOS RAM are kept; register B loses PIE, AIE and SQWE,
+    /// register C its flags, and IRQ 8 drops (the MC146818 datasheet's
+    /// RESET pin clears the same enables and flags, and UIE too).
+    pub fn system_reset(&mut self) {
+        let now = self.clock.now_ns();
+        // Count what happened up to now first, so that it is cleared too.
+        self.catch_up(now);
+        self.st.ram[REG_B] &= !(REG_B_PIE | REG_B_AIE | REG_B_SQWE);
+        self.st.ram[REG_C] &= !(REG_C_IRQF | REG_C_PF | REG_C_AF | REG_C_UF);
+        self.update_irq();
     }
 
     /// Restores `state` and drives IRQ 8 to the restored level.
@@ -1161,5 +1176,43 @@ mod tests {
         }
         let changes = r.line.changes.lock().unwrap();
         assert!(changes.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    /// kvm-unit-tests' s3 programs the alarm so: wait for an update, read
+    /// C, all three alarm bytes "don't care" (0xC0), AIE. IRQ 8 must rise at
+    /// the next update, through the timer, and a system reset (the wake)
+    /// drops it and the enables but keeps the time and alarm.
+    #[test]
+    fn dont_care_alarm_fires_at_next_second_and_system_reset_clears_it() {
+        let mut r = rig_at(START);
+        r.clock.advance(SEC / 3);
+        r.rd(REG_C);
+        for i in [SECONDS_ALARM, MINUTES_ALARM, HOURS_ALARM] {
+            r.wr(i, ALARM_DONT_CARE);
+        }
+        let b = r.rd(REG_B);
+        r.wr(REG_B, b | REG_B_AIE);
+        let rtc = Mutex::new(r.rtc);
+        let due = rtc.deadline().expect("AIE arms the timer");
+        assert_eq!(due, SEC, "the next update");
+        r.clock.advance_to(due - 1);
+        rtc.fire(r.clock.now_ns());
+        assert!(
+            !r.line.level.load(Ordering::SeqCst),
+            "not before the second"
+        );
+        r.clock.advance_to(due);
+        rtc.fire(due);
+        assert!(r.line.level.load(Ordering::SeqCst), "alarm at the update");
+        let mut rtc = rtc.into_inner().unwrap();
+        let before = rtc.unix_time();
+        rtc.system_reset();
+        assert!(!rtc.irq_level());
+        assert!(!r.line.level.load(Ordering::SeqCst));
+        r.rtc = rtc;
+        assert_eq!(r.rd(REG_B), REG_B_24H, "AIE cleared, mode kept");
+        assert_eq!(r.rd(REG_C), 0);
+        assert_eq!(r.rd(SECONDS_ALARM), ALARM_DONT_CARE);
+        assert_eq!(r.rtc.unix_time(), before, "the time is kept");
     }
 }
