@@ -30,7 +30,18 @@ struct TlbEntry {
     user: bool,
     nx: bool,
     dirty: bool,
+    /// The leaf's protection key (bits 62:59, IA-32e paging only).
+    pkey: u8,
 }
+
+/// CR4 bits of the access-rights rules beyond U/S, R/W and XD (SDM vol. 3,
+/// 4.6): SMEP, SMAP, PKE (protection keys for user-mode pages) and PKS
+/// (for supervisor-mode pages).
+pub(crate) const CR4_SMEP: u64 = 1 << 20;
+pub(crate) const CR4_SMAP: u64 = 1 << 21;
+pub(crate) const CR4_PKE: u64 = 1 << 22;
+pub(crate) const CR4_PKS: u64 = 1 << 24;
+const CR4_RIGHTS: u64 = CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_PKS;
 
 /// A direct-mapped TLB of 4 KiB translations (large pages are cached per
 /// 4 KiB piece). Flushed on MOV to CR0 / CR3 / CR4, EFER writes and task
@@ -48,6 +59,16 @@ pub struct Tlb {
     /// MOV to CR0 / CR3 / CR4. `None` after a flush for another reason (a
     /// state loaded with `set_sregs`): then read from CR3 at the next walk.
     pdpte: Option<[u64; 4]>,
+    /// IA32_PKRS (MSR 0x6E1): the protection-key rights for supervisor-mode
+    /// pages (SDM vol. 3, 4.6.2). Not cached in entries: the TLB keeps each
+    /// translation's key and the rights are read at every access, so a
+    /// WRMSR (like WRPKRU for PKRU, which lives in the XSAVE image) needs
+    /// no flush. Kept across flushes.
+    pub(crate) pkrs: u32,
+    /// The access in progress is an implicit supervisor-mode access (a
+    /// descriptor table or TSS, SDM vol. 3, 4.6): SMAP denies it a
+    /// user-mode page whatever EFLAGS.AC says. Set by `implicit_access`.
+    implicit: bool,
 }
 
 impl Default for Tlb {
@@ -57,6 +78,8 @@ impl Default for Tlb {
             generation: 0,
             fetch: (u64::MAX, 0, false, u64::MAX),
             pdpte: None,
+            pkrs: 0,
+            implicit: false,
         }
     }
 }
@@ -89,6 +112,8 @@ const PF_W: u32 = 2;
 const PF_U: u32 = 4;
 const PF_RSVD: u32 = 8;
 const PF_I: u32 = 16;
+/// The fault came from a protection key (PKRU or IA32_PKRS).
+const PF_PK: u32 = 32;
 
 /// The BIOS ROM window below 4 GiB: the last 128 KiB of the firmware image
 /// appear both at 0xFFFE0000-0xFFFFFFFF and at 0xE0000-0xFFFFF, as on the
@@ -122,7 +147,12 @@ impl InterpVcpu {
         if user {
             e |= PF_U;
         }
-        if acc == Acc::Exec && self.sregs.efer & efer::NXE != 0 {
+        // I/D: an instruction fetch with CR4.SMEP, or with PAE paging /
+        // 4-level paging and EFER.NXE (SDM vol. 3, 4.7).
+        let cr4 = self.sregs.cr4;
+        if acc == Acc::Exec
+            && (cr4 & CR4_SMEP != 0 || (cr4 & cr4::PAE != 0 && self.sregs.efer & efer::NXE != 0))
+        {
             e |= PF_I;
         }
         e
@@ -142,10 +172,19 @@ impl InterpVcpu {
         // A write through an entry whose dirty bit is clear walks again to set it.
         let needs_dirty = acc == Acc::Write && !e.dirty;
         if e.tag == vpn.wrapping_add(1) && !needs_dirty {
-            if self.permitted(e.writable, e.user, e.nx, acc, user) {
-                return Ok(e.page | (la & 0xfff));
+            // SMEP / SMAP / protection keys depend on CR4 and also on
+            // EFLAGS.AC, PKRU and IA32_PKRS, which change without a flush:
+            // they are checked at every access, off the common path (for
+            // a supervisor-mode page only PKS is in play).
+            let extra = if e.user { CR4_RIGHTS } else { CR4_PKS };
+            if self.sregs.cr4 & extra == 0 {
+                if self.permitted(e.writable, e.user, e.nx, acc, user) {
+                    return Ok(e.page | (la & 0xfff));
+                }
+                return Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)));
             }
-            return Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)));
+            self.check_rights(la, &e, acc, user)?;
+            return Ok(e.page | (la & 0xfff));
         }
         if long {
             self.walk(la, acc, user)
@@ -197,11 +236,7 @@ impl InterpVcpu {
         let pae = self.sregs.cr4 & cr4::PAE != 0;
         let pse = self.sregs.cr4 & cr4::PSE != 0;
         let nxe = pae && self.sregs.efer & efer::NXE != 0;
-        let mut bits = self.pf_bits(acc, user);
-        if !pae {
-            // The I/D bit needs PAE with NXE (SDM vol. 3, 4.7).
-            bits &= !PF_I;
-        }
+        let bits = self.pf_bits(acc, user);
         let (mut writable, mut us, mut nx) = (true, true, false);
         let mut table = if pae {
             let e = self.pdpte(((la >> 30) & 3) as usize);
@@ -274,8 +309,18 @@ impl InterpVcpu {
                 };
                 continue;
             }
-            if !self.permitted(writable, us, nx, acc, user) {
-                return Err(self.page_fault(la, PF_P | bits));
+            let rights = TlbEntry {
+                writable,
+                user: us,
+                nx,
+                ..TlbEntry::default()
+            };
+            if self.sregs.cr4 & CR4_RIGHTS == 0 {
+                if !self.permitted(writable, us, nx, acc, user) {
+                    return Err(self.page_fault(la, PF_P | bits));
+                }
+            } else {
+                self.check_rights(la, &rights, acc, user)?;
             }
             let mut set = 0x20;
             if acc == Acc::Write {
@@ -296,10 +341,8 @@ impl InterpVcpu {
             self.tlb.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
                 tag: vpn + 1,
                 page: pa & !0xfff,
-                writable,
-                user: us,
-                nx,
                 dirty: acc == Acc::Write || entry & 0x40 != 0,
+                ..rights
             };
             return Ok(pa);
         }
@@ -326,6 +369,69 @@ impl InterpVcpu {
             Acc::Exec => !nx,
             Acc::Read => true,
         }
+    }
+
+    /// The access-rights check with SMEP, SMAP and protection keys (SDM
+    /// vol. 3, 4.6), for a translation with `rights`: a protection #PF,
+    /// with PK (bit 5) when a protection key denies the access (4.7).
+    #[cold]
+    #[inline(never)]
+    fn check_rights(&mut self, la: u64, rights: &TlbEntry, acc: Acc, user: bool) -> R<()> {
+        let cr4 = self.sregs.cr4;
+        let mut denied = !self.permitted(rights.writable, rights.user, rights.nx, acc, user);
+        // A supervisor-mode access (CPL < 3, or implicit) to a user-mode
+        // address (U/S set at every level), 4.6.1.
+        if !user && rights.user {
+            denied |= match acc {
+                Acc::Exec => cr4 & CR4_SMEP != 0,
+                // SMAP: explicit accesses pass with EFLAGS.AC set,
+                // implicit ones never do.
+                Acc::Read | Acc::Write => {
+                    cr4 & CR4_SMAP != 0
+                        && (self.rflags & crate::flags::AC == 0 || self.tlb.implicit)
+                }
+            };
+        }
+        // Protection keys (4.6.2): data accesses with IA-32e paging; PKRU
+        // for user-mode addresses (with CR4.PKE), IA32_PKRS for supervisor-
+        // mode ones (with CR4.PKS). AD denies every data access, WD user-
+        // mode writes and, with CR0.WP, supervisor-mode writes. PK is set
+        // whenever the key denies the access (4.7), even where the other
+        // rights deny it too.
+        let mut pk = 0;
+        if acc != Acc::Exec && self.sregs.efer & efer::LMA != 0 {
+            let keys = if rights.user {
+                (cr4 & CR4_PKE != 0).then(|| self.pkru())
+            } else {
+                (cr4 & CR4_PKS != 0).then_some(self.tlb.pkrs)
+            };
+            if let Some(keys) = keys {
+                let shift = 2 * u32::from(rights.pkey & 0xf);
+                let ad = (keys >> shift) & 1 != 0;
+                let wd = (keys >> (shift + 1)) & 1 != 0;
+                let wp = self.sregs.cr0 & cr0::WP != 0;
+                if ad || (wd && acc == Acc::Write && (user || wp)) {
+                    pk = PF_PK;
+                    denied = true;
+                }
+            }
+        }
+        if !denied {
+            return Ok(());
+        }
+        let bits = self.pf_bits(acc, user);
+        Err(self.page_fault(la, PF_P | pk | bits))
+    }
+
+    /// Runs `f` with its linear accesses as implicit supervisor-mode
+    /// accesses (descriptor tables, the TSS: SDM vol. 3, 4.6), which SMAP
+    /// denies user-mode pages even with EFLAGS.AC set.
+    pub(crate) fn implicit_access<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<T> {
+        let outer = self.tlb.implicit;
+        self.tlb.implicit = true;
+        let r = f(self);
+        self.tlb.implicit = outer;
+        r
     }
 
     /// The 4-level walk (SDM vol. 3, 4.5) with accessed / dirty updates.
@@ -374,8 +480,19 @@ impl InterpVcpu {
                 table = entry & ADDR_MASK;
                 continue;
             }
-            if !self.permitted(writable, us, nx, acc, user) {
-                return Err(self.page_fault(la, PF_P | bits));
+            let rights = TlbEntry {
+                writable,
+                user: us,
+                nx,
+                pkey: ((entry >> 59) & 0xf) as u8,
+                ..TlbEntry::default()
+            };
+            if self.sregs.cr4 & CR4_RIGHTS == 0 {
+                if !self.permitted(writable, us, nx, acc, user) {
+                    return Err(self.page_fault(la, PF_P | bits));
+                }
+            } else {
+                self.check_rights(la, &rights, acc, user)?;
             }
             let mut set = 0x20;
             if acc == Acc::Write {
@@ -391,10 +508,8 @@ impl InterpVcpu {
             self.tlb.entries[(vpn as usize) % TLB_ENTRIES] = TlbEntry {
                 tag: vpn + 1,
                 page: pa & !0xfff,
-                writable,
-                user: us,
-                nx,
                 dirty: acc == Acc::Write || entry & 0x40 != 0,
+                ..rights
             };
             return Ok(pa);
         }
@@ -424,6 +539,13 @@ impl InterpVcpu {
                 self.cache.invalidate_page(pa);
             }
             let _ = self.mem.write(pa, data);
+            // Other processors' cached copies go at their next entry.
+            let watch = self.mem.code_watch();
+            watch.note_write(pa, self.code_writer);
+            let last = pa.wrapping_add(data.len().saturating_sub(1) as u64);
+            if last >> 12 != pa >> 12 {
+                watch.note_write(last, self.code_writer);
+            }
             return Ok(());
         }
         let n = data.len().min(8);
@@ -438,6 +560,9 @@ impl InterpVcpu {
         if size > 8 {
             // Wider accesses belong to instructions not built yet.
             return Err(Stop::Exc(6, None));
+        }
+        if self.data_bp_armed {
+            self.data_breakpoints(la, size, false);
         }
         let mut b = [0u8; 8];
         let first = (0x1000 - (la & 0xfff) as usize).min(size);
@@ -459,6 +584,9 @@ impl InterpVcpu {
     pub(crate) fn lin_write(&mut self, la: u64, size: usize, v: u64, user: bool) -> R<()> {
         if size > 8 {
             return Err(Stop::Exc(6, None));
+        }
+        if self.data_bp_armed {
+            self.data_breakpoints(la, size, true);
         }
         let b = v.to_le_bytes();
         let first = (0x1000 - (la & 0xfff) as usize).min(size);
@@ -513,6 +641,9 @@ impl InterpVcpu {
     ) -> R<()> {
         let mut bytes = [0u8; 15];
         let in_page = (0x1000 - (pa & 0xfff) as usize).min(15);
+        // Before reading the bytes: a write by another processor from now
+        // on is logged for this one (cross-modifying code).
+        self.mem.code_watch().note_code(pa);
         if self.mem.read(pa, &mut bytes[..in_page]).is_err() {
             return Err(Stop::Exit(tandem_core::vcpu::VcpuExit::Unhandled(format!(
                 "the interpreter cannot execute code outside RAM (linear {la:#x}, physical {pa:#x})"

@@ -23,6 +23,8 @@ const GP0: Stop = Stop::Exc(13, Some(0));
 
 /// Offset of the XSAVE header (XSTATE_BV, XCOMP_BV) in the standard form.
 const HEADER: usize = 512;
+/// Offset of the PKRU component in the standard form (SDM vol. 1, 13.5.7).
+const PKRU: usize = 2688;
 /// Offset and size of the MXCSR and MXCSR_MASK pair.
 const MXCSR: usize = 24;
 /// MXCSR_MASK when the image leaves it 0: every MXCSR bit, DAZ included
@@ -112,6 +114,25 @@ impl InterpVcpu {
         if let Some(s) = self.fpu.xsave.get_mut(off..off + 8) {
             s.copy_from_slice(&v.to_le_bytes());
         }
+    }
+
+    /// PKRU: it lives in its XSAVE state component (9) of the image, so
+    /// XSAVE / XRSTOR move it and it round-trips to KVM's XSAVE area.
+    pub(crate) fn pkru(&self) -> u32 {
+        self.fpu_u64(PKRU) as u32
+    }
+
+    /// Sets PKRU, and XINUSE[9] unless the value is the initial 0.
+    pub(crate) fn set_pkru(&mut self, v: u32) {
+        self.fpu_area();
+        self.set_fpu_u64(PKRU, u64::from(v));
+        let inuse = self.fpu_u64(HEADER);
+        let bv = if v != 0 {
+            inuse | (1 << 9)
+        } else {
+            inuse & !(1 << 9)
+        };
+        self.set_fpu_u64(HEADER, bv);
     }
 
     fn mxcsr_mask(&self) -> u32 {
@@ -284,7 +305,10 @@ impl InterpVcpu {
             return Err(GP0);
         }
         let v = (self.gpr[2] << 32) | (self.gpr[0] & 0xffff_ffff);
-        if !valid_xcr0(v) {
+        // Only components the processor's CPUID.(EAX=0DH,ECX=0) announces.
+        let d = self.cpuid.raw(0xd, 0);
+        let offered = u64::from(d[0]) | (u64::from(d[3]) << 32);
+        if !valid_xcr0(v) || v & !offered != 0 {
             return Err(GP0);
         }
         self.fpu.xcr0 = v;
