@@ -58,6 +58,14 @@ pub enum CpuModel {
     Kvm,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CpuVendor {
+    /// GenuineIntel (the default).
+    Intel,
+    /// AuthenticAMD: AMD's SYSCALL / SYSRET in compatibility and legacy mode.
+    Amd,
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// A multiboot ELF guest (ELF32 or ELF64).
@@ -74,6 +82,11 @@ pub struct RunArgs {
     /// The processor's CPUID (default: tandem on the interpreter, kvm on KVM).
     #[arg(long, value_enum)]
     pub cpu: Option<CpuModel>,
+    /// The vendor Tandem's processor model announces, and whose rules the
+    /// interpreter follows where Intel and AMD differ (SYSCALL / SYSRET
+    /// outside 64-bit mode); interpreter only.
+    #[arg(long, value_enum)]
+    pub cpu_vendor: Option<CpuVendor>,
     /// Guest RAM: a number of MiB, or with a K, M, G or T suffix.
     #[arg(long, default_value = "128M")]
     pub mem: String,
@@ -151,6 +164,21 @@ enum Command {
         /// Status 1 for divergences a documented rule explains too.
         #[arg(long)]
         strict: bool,
+        /// vCPUs on both sides (the BSP starts at the entry, the others wait
+        /// for INIT / SIPI). On KVM the vCPUs are threads, so the order of
+        /// events across vCPUs is the host scheduler's: the diff compares
+        /// each vCPU's ordered writes and deliveries on their own (plus the
+        /// serial output and the end status). --lockstep steps the vCPUs in
+        /// one round-robin order (0, 1, ..., skipping halted vCPUs and those
+        /// waiting for a SIPI), the same vCPU on both sides each step.
+        #[arg(long, default_value_t = 1)]
+        smp: u32,
+        /// Serial input for COM1, the same bytes on both sides, paced: a byte
+        /// arrives each time the guest polls an empty receiver (reads LSR)
+        /// or enables its receive interrupt, so it arrives at the same point
+        /// of the run on both processors whatever the host's timing.
+        #[arg(long, value_name = "TEXT")]
+        input: Option<String>,
     },
     /// Fuzz random instruction streams on both processors.
     Fuzz {
@@ -226,6 +254,8 @@ fn main() -> ExitCode {
             context,
             devices,
             strict,
+            smp,
+            input,
         } => {
             // Errors of `tandem diff` are status 2 (1 means "diverged").
             if let Some(file) = replay {
@@ -251,7 +281,13 @@ fn main() -> ExitCode {
                 context,
                 devices,
                 strict,
+                smp,
+                input,
             };
+            if !(1..=255).contains(&smp) {
+                eprintln!("tandem diff: --smp {smp}: from 1 to 255 vCPUs");
+                return ExitCode::from(2);
+            }
             Ok(if lockstep {
                 diff::lockstep(&args)
             } else {

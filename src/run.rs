@@ -17,7 +17,7 @@ use tandem_firmware::pvh::{load_pvh, pvh_entry_state};
 use tandem_kvm::{KvmFlavour, KvmVm, KvmVmOptions};
 
 use crate::size::parse_size;
-use crate::{Backend, CpuModel, Irqchip, RunArgs};
+use crate::{Backend, CpuModel, CpuVendor, Irqchip, RunArgs};
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     let data =
@@ -89,7 +89,22 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         Some(p) => Some(read_file(p, "initrd")?),
         None => None,
     };
-    let backend = args.backend.unwrap_or_else(default_backend);
+    // --cpu-vendor picks the interpreter's model, so it implies the
+    // interpreter when no backend is named.
+    let backend = args.backend.unwrap_or_else(|| {
+        if args.cpu_vendor.is_some() {
+            Backend::Interp
+        } else {
+            default_backend()
+        }
+    });
+    if let (Backend::Kvm, Some(v)) = (backend, args.cpu_vendor) {
+        bail!(
+            "--cpu-vendor {} is for the interpreter's processor model: on KVM the vendor is \
+             the host's, and the host processor follows its own rules",
+            cpu_vendor_name(v)
+        );
+    }
     if args.irqchip == Irqchip::Kernel && backend != Backend::Kvm {
         bail!("--irqchip kernel is KVM's in-kernel irqchip: it needs --backend kvm");
     }
@@ -232,6 +247,7 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     let _ = pc.machine.fallback.set(std::sync::Arc::new(
         tandem_interp::InterpFallback::with_cpuid(std::sync::Arc::new(vm.cpuid_table().clone())),
     ));
+    pc.set_phys_addr_bits(vm.cpuid_table().phys_addr_bits());
     start_threads(pc, args)?;
     start_timeout(pc, args.timeout);
 
@@ -259,12 +275,33 @@ fn run_kvm(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
     }
 }
 
+fn cpu_vendor_name(v: CpuVendor) -> &'static str {
+    match v {
+        CpuVendor::Intel => "intel",
+        CpuVendor::Amd => "amd",
+    }
+}
+
 fn run_interp(pc: &Pc, state: &VcpuState, args: &RunArgs) -> Result<RunOutcome> {
+    if let (Some(CpuModel::Kvm), Some(v)) = (args.cpu, args.cpu_vendor) {
+        bail!(
+            "--cpu-vendor {} applies to --cpu tandem: --cpu kvm is the host's processor, \
+             vendor included",
+            cpu_vendor_name(v)
+        );
+    }
     let cpuid = std::sync::Arc::new(match args.cpu {
         Some(CpuModel::Kvm) => tandem_kvm::offered_cpuid(args.smp)
             .context("--cpu kvm needs /dev/kvm to learn the CPUID KVM offers")?,
-        Some(CpuModel::Tandem) | None => tandem_core::cpuid::CpuidTable::model(args.smp),
+        Some(CpuModel::Tandem) | None => {
+            let vendor = match args.cpu_vendor {
+                Some(CpuVendor::Amd) => tandem_core::cpuid::Vendor::Amd,
+                Some(CpuVendor::Intel) | None => tandem_core::cpuid::Vendor::Intel,
+            };
+            tandem_core::cpuid::CpuidTable::model_for(args.smp, vendor)
+        }
     });
+    pc.set_phys_addr_bits(cpuid.phys_addr_bits());
     let mut vcpus: Vec<tandem_interp::InterpVcpu> = (0..args.smp)
         .map(|id| {
             let mut v = tandem_interp::InterpVcpu::new(id, pc.machine.mem.clone());

@@ -211,7 +211,7 @@ fn lapic_priority() {
 }
 #[test]
 fn lapic_cpu() {
-    conformance("lapic_cpu", &[], 3);
+    conformance("lapic_cpu", &[], 4);
 }
 #[test]
 fn nmi() {
@@ -330,9 +330,104 @@ fn cpuid_is_one_processor_on_both_backends() {
 
 /// `--smp 4`: the BSP starts three APs with INIT / SIPI through Tandem's
 /// LAPICs, each AP runs real-mode code, reads its x2APIC ID and sends an
-/// IPI back; on KVM each vCPU is a thread, on the interpreter they take
-/// turns on one thread.
+/// IPI back, then spins until it runs an instruction the BSP rewrote under
+/// it (cross-modifying code: each interpreter vCPU caches decoded code);
+/// on KVM each vCPU is a thread, on the interpreter they take turns on one
+/// thread.
 #[test]
 fn smp_init_sipi_and_ipis() {
-    conformance("smp", &["--smp", "4"], 3);
+    conformance("smp", &["--smp", "4"], 4);
+}
+
+/// Data and I/O breakpoints (DR7 R/W = 01, 11, 10; LEN 1, 2, 4, 8) as
+/// traps after the instruction, after the REP iteration that hit, after the
+/// instruction following a MOV SS (SDM vol. 3, 18.2-18.3 and 6.8.3).
+/// Interpreter only: this project's KVM host is PVM, whose ring-0 emulator
+/// takes no data or I/O breakpoint at all (measured: no #DB, five of the six
+/// checks fail); other KVM hosts were not measured.
+#[test]
+fn debugregs_data_and_io_breakpoints_on_the_interpreter() {
+    let r = run("debugregs", &[], "interp", Chip::User);
+    r.assert_all_passed();
+    assert_eq!(summary(&r), (6, 0), "{}", r.stdout);
+    assert!(!r.stderr.contains("not implemented"), "{}", r.stderr);
+}
+
+/// `--cpu-vendor amd`: the interpreter (implied) announces AuthenticAMD in
+/// leaves 0 and 0x8000_0000 with the same features; KVM refuses it, as the
+/// host's processor is KVM's vendor.
+#[test]
+fn cpu_vendor_amd_is_the_interpreters() {
+    let g = guest("cpuid");
+    let r = run_tandem(TANDEM, &["run", g.to_str().unwrap(), "--cpu-vendor", "amd"]);
+    let leaf = |p: &str| -> String {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // "Auth" "cAMD" "enti" in EBX, ECX, EDX.
+    for p in ["cpuid 0.0:", "cpuid 80000000.0:"] {
+        let l = leaf(p);
+        assert!(
+            l.contains("68747541") && l.contains("444d4163") && l.contains("69746e65"),
+            "{p} {l:?}: {r:?}"
+        );
+    }
+    let r = run_tandem(
+        TANDEM,
+        &[
+            "run",
+            g.to_str().unwrap(),
+            "--backend",
+            "kvm",
+            "--cpu-vendor",
+            "amd",
+        ],
+    );
+    assert_ne!(r.status, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("--cpu-vendor amd is for the interpreter"),
+        "{r:?}"
+    );
+}
+
+/// ACPI S3: the guest finds the FACS through the RSDP, writes a waking
+/// vector to 16-bit code, arms the RTC alarm with PM1_EN.RTC_EN and writes
+/// SLP_EN with \_S3's SLP_TYP; the machine sleeps until the alarm, then
+/// resumes the BSP in real mode at the vector, where the code checks that
+/// nothing ran after the sleep write, WAK_STS and RTC_STS, CS:IP and the
+/// wake's device reset, and exits with 0 (status 1); without a waking vector
+/// the wake is a reset (status 0). Each backend with one
+/// and two vCPUs (the AP sleeps and returns to wait-for-SIPI), and the
+/// interpreter on the virtual clock (the sleep warps to the alarm).
+#[test]
+fn s3_suspend_and_resume_through_the_rtc_alarm() {
+    for backend in backends("s3") {
+        let mut cases: Vec<&[&str]> = vec![&[], &["--smp", "2"]];
+        if backend == "interp" {
+            cases.push(&["--deterministic"]);
+        }
+        for extra in cases {
+            let r = run("s3", extra, backend, Chip::User);
+            let what = format!("s3 on {backend} {extra:?}");
+            assert_eq!(r.status, 1, "{what}: {r:?}");
+            assert!(
+                r.stdout.contains("SUMMARY: 8 passed, 0 failed"),
+                "{what}: {r:?}"
+            );
+            assert!(
+                r.stdout
+                    .contains("s3: entering S3 (SLP_TYP 1)\nS3: resumed\n"),
+                "{what}: {r:?}"
+            );
+        }
+        // No waking vector: the wake is a reset, which ends the run.
+        let r = run("s3", &["--append", "novector"], backend, Chip::User);
+        assert_eq!(r.status, 0, "s3 novector on {backend}: {r:?}");
+        assert!(r.stdout.contains("s3: entering S3"), "{r:?}");
+        assert!(!r.stdout.contains("S3: resumed"), "{r:?}");
+        assert!(r.stderr.contains("the guest reset the machine"), "{r:?}");
+    }
 }

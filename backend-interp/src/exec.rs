@@ -298,8 +298,11 @@ impl InterpVcpu {
     fn exec(&mut self, i: &Instruction) -> R<()> {
         let m = i.mnemonic();
         match m {
+            Mnemonic::Pause => {
+                self.count_pause();
+                Ok(())
+            }
             Mnemonic::Nop
-            | Mnemonic::Pause
             | Mnemonic::Lfence
             | Mnemonic::Mfence
             | Mnemonic::Sfence
@@ -849,6 +852,7 @@ impl InterpVcpu {
                 let size = reg.size();
                 // CPL > IOPL: the TSS I/O permission bitmap decides.
                 self.check_io_permission(port, size)?;
+                self.io_breakpoints(u64::from(port), size);
                 if m == Mnemonic::In {
                     let (v, _) = self.external(ExtKind::PortIn, u64::from(port), size as u8, 0)?;
                     self.reg_write(reg, v & mask(size));
@@ -1044,6 +1048,8 @@ impl InterpVcpu {
             Mnemonic::Stmxcsr => self.exec_mxcsr(i, false),
             Mnemonic::Cmpxchg8b | Mnemonic::Cmpxchg16b => self.exec_cmpxchg8b16b(i, m),
             Mnemonic::Xgetbv => self.exec_xgetbv(),
+            Mnemonic::Rdpkru => self.exec_rdpkru(),
+            Mnemonic::Wrpkru => self.exec_wrpkru(),
             Mnemonic::Xsetbv => self.exec_xsetbv(),
             Mnemonic::Fxsave | Mnemonic::Fxsave64 => self.exec_fxsave(i),
             Mnemonic::Fxrstor | Mnemonic::Fxrstor64 => self.exec_fxrstor(i),
@@ -1055,20 +1061,8 @@ impl InterpVcpu {
             Mnemonic::Xsavec | Mnemonic::Xsavec64 => self.exec_xsavec(i, false),
             Mnemonic::Xsaves | Mnemonic::Xsaves64 => self.exec_xsavec(i, true),
             Mnemonic::Ud2 | Mnemonic::Ud0 | Mnemonic::Ud1 => Err(UD),
-            Mnemonic::Vmcall => {
-                // KVM's hypercall ABI (Documentation/virt/kvm/x86/hypercalls.rst):
-                // no hypercall is implemented, so RAX = -KVM_ENOSYS (-1000) at
-                // CPL 0 and -KVM_EPERM (-1) above it; outside 64-bit mode
-                // the result is truncated to 32 bits. VMMCALL (AMD) stays #UD
-                // on this Intel-vendor processor.
-                let ret: i64 = if self.cpl() == 0 { -1000 } else { -1 };
-                self.gpr[0] = if self.bitness == 64 {
-                    ret as u64
-                } else {
-                    u64::from(ret as u32)
-                };
-                Ok(())
-            }
+            // KVM's hypercall ABI (hypercall.rs); VMMCALL (AMD) stays #UD.
+            Mnemonic::Vmcall => self.vmcall(),
             // Real-mode / legacy protected-mode instructions (legacy.rs).
             Mnemonic::Pusha
             | Mnemonic::Pushad
@@ -1143,7 +1137,10 @@ impl InterpVcpu {
                         self.dr.db[r as usize - Register::DR0 as usize] = v
                     }
                     Register::DR6 => self.dr.dr6 = (v & 0xf00f) | 0xffff_0ff0,
-                    Register::DR7 => self.dr.dr7 = (v & !0xd000) | 0x400,
+                    Register::DR7 => {
+                        self.dr.dr7 = (v & !0xd000) | 0x400;
+                        self.dr7_changed();
+                    }
                     _ => return Err(UD),
                 }
                 return Ok(());
@@ -1704,6 +1701,7 @@ impl InterpVcpu {
                     }
                     let la = self.linear(Register::ES, di)?;
                     self.probe_write(la, self.cpl() == 3)?;
+                    self.io_breakpoints(port, size);
                     let (v, _) = self.external(ExtKind::PortIn, port, size as u8, 0)?;
                     self.write_mem(Register::ES, di, size, v)?;
                     self.gpr[7] = upd(self.gpr[7]);
@@ -1711,6 +1709,7 @@ impl InterpVcpu {
                 _ => {
                     let port = self.gpr[2] & 0xffff;
                     let v = self.read_mem(src_seg, si, size)?;
+                    self.io_breakpoints(port, size);
                     self.external(ExtKind::PortOut, port, size as u8, v)?;
                     self.gpr[6] = upd(self.gpr[6]);
                 }
@@ -1732,7 +1731,10 @@ impl InterpVcpu {
                 }
             }
             done += 1;
-            if done >= REP_CHUNK && self.gpr[1] & amask != 0 {
+            // A data or I/O breakpoint traps after the iteration that hit it
+            // (SDM vol. 3, 18.3.1.2); the instruction continues after the
+            // #DB.
+            if (done >= REP_CHUNK || self.db_hits != 0) && self.gpr[1] & amask != 0 {
                 // Yield; the instruction continues at the next step.
                 self.rip = self.insn_rip;
                 break;

@@ -27,6 +27,7 @@
 mod exec;
 mod fallback;
 mod flags;
+mod hypercall;
 mod legacy;
 mod mmu;
 mod sse;
@@ -40,7 +41,7 @@ mod tests_simd;
 mod x87;
 mod xsave;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use iced_x86::Mnemonic;
@@ -140,6 +141,11 @@ pub(crate) struct MsrFile {
     pub tsc_offset: u64,
     pub tsc_aux: u64,
     pub misc_enable: u64,
+    /// AMD's legacy performance counters (AMD vendor only): PerfEvtSel0-3
+    /// (C001_0000h-C001_0003h) and PerfCtr0-3 (C001_0004h-C001_0007h),
+    /// which every AMD64 processor has (AMD APM vol. 2, 13.2.1). They keep
+    /// what is written and count nothing.
+    pub amd_perf: [u64; 8],
     /// IA32_APIC_BASE.EN (kept in the machine's LAPIC) was last seen clear:
     /// CPUID.1:EDX.APIC reads 0 (system.rs `cpuid`).
     pub apic_global_disabled: bool,
@@ -198,18 +204,43 @@ pub struct InterpVcpu {
     /// Events `deliver` began (the single-step trap does not follow an
     /// instruction that delivered one: INT n, INT3, INTO, INT1).
     pub(crate) events_delivered: u64,
+    /// Some DR0-DR3 is an enabled data breakpoint (DR7 R/W = 01 or 11):
+    /// only then do linear reads and writes look at the debug registers
+    /// (recomputed whenever DR7 changes, `dr7_changed`).
+    pub(crate) data_bp_armed: bool,
+    /// B0-B3 of the data and I/O breakpoints the current instruction hit
+    /// (a trap after it, SDM vol. 3, 18.3.1.2), or that a MOV SS / POP SS
+    /// hit and its shadow holds until the next instruction has run.
+    pub(crate) db_hits: u64,
+    /// The instruction made its own single-step decision (SYSCALL, SYSRET:
+    /// `single_step_at_end`), so TF at its start makes no trap.
+    pub(crate) single_step_done: bool,
     /// The VMM's debugging of the guest (`set_guest_debug`); `None` in a
     /// normal run, so the hot loop tests one pointer.
     guest_debug: Option<Box<GuestDebug>>,
     /// `run` returns `Kicked` once `retired` reaches this (the
     /// deterministic run loop's next timer deadline).
     stop_at_retired: Option<u64>,
+    /// Pause-loop exiting: PAUSEs per exit, and the PAUSEs counted since
+    /// the last one.
+    pause_exiting: Option<u32>,
+    pauses: u32,
+    /// The run limit a pause-loop exit stood in for, given back when it
+    /// has ended the run.
+    limit_before_pause_exit: Option<Option<u64>>,
     /// The processor's CPUID (shared with KVM when both run one guest).
     pub(crate) cpuid: Arc<tandem_core::cpuid::CpuidTable>,
     /// The clock and rate (kHz) the TSC counts from; `None`: retired
     /// instructions.
     pub(crate) tsc_clock: Option<(tandem_core::clock::SharedClock, u64)>,
+    /// This processor's name in the memory's `CodeWatch` log, and how far
+    /// into that log it has dropped pages other processors wrote.
+    pub(crate) code_writer: u64,
+    code_seen: u64,
 }
+
+/// Names processors in `CodeWatch` logs (unique in the process).
+static NEXT_CODE_WRITER: AtomicU64 = AtomicU64::new(1);
 
 /// Single-step and instruction breakpoints asked for by the VMM.
 #[derive(Debug, Clone, Default)]
@@ -264,6 +295,7 @@ impl InterpVcpu {
             ..Default::default()
         };
         sregs.cs.base = 0xffff_0000;
+        let code_seen = mem.code_watch().seq();
         let mut v = InterpVcpu {
             id,
             mem,
@@ -310,10 +342,18 @@ impl InterpVcpu {
             noted: Vec::new(),
             unimplemented_hits: 0,
             events_delivered: 0,
+            data_bp_armed: false,
+            db_hits: 0,
+            single_step_done: false,
             guest_debug: None,
             stop_at_retired: None,
+            pause_exiting: None,
+            pauses: 0,
+            limit_before_pause_exit: None,
             cpuid: Arc::new(tandem_core::cpuid::CpuidTable::model(1)),
             tsc_clock: None,
+            code_writer: NEXT_CODE_WRITER.fetch_add(1, Ordering::Relaxed),
+            code_seen,
         };
         v.mode_changed();
         v
@@ -354,6 +394,7 @@ impl InterpVcpu {
     /// The decoded instruction is not kept cached: the other processor may
     /// rewrite guest code before the next call.
     pub fn step_one(&mut self) -> VcpuResult<Option<VcpuExit>> {
+        self.drop_code_others_wrote();
         self.absorb_completion();
         let exit = self.step();
         if self.replay_len == 0 {
@@ -394,6 +435,21 @@ impl InterpVcpu {
     /// How many times an unimplemented instruction was executed (#UD).
     pub fn unimplemented_hits(&self) -> u64 {
         self.unimplemented_hits
+    }
+
+    /// Drops the cached instructions of pages other processors wrote since
+    /// the last entry (cross-modifying code, SDM vol. 3, 8.1.3: the change
+    /// is seen after the interrupt or exit that serializes this one).
+    fn drop_code_others_wrote(&mut self) {
+        let cache = &mut self.cache;
+        self.mem.code_watch().changes_since(
+            &mut self.code_seen,
+            self.code_writer,
+            |page| match page {
+                Some(gpa) => cache.invalidate_page(gpa),
+                None => cache.clear(),
+            },
+        );
     }
 
     /// Drops the cached instructions of the page holding `gpa`: call it when
@@ -520,6 +576,24 @@ impl InterpVcpu {
         }
     }
 
+    /// A PAUSE retires: with pause-loop exiting, the run ends after it
+    /// once enough have been counted (a run limit at the current count
+    /// stops the loop at the next boundary).
+    pub(crate) fn count_pause(&mut self) {
+        let Some(limit) = self.pause_exiting else {
+            return;
+        };
+        self.pauses += 1;
+        if self.pauses >= limit {
+            self.pauses = 0;
+            // This PAUSE retires before the check: stop right after it.
+            if self.limit_before_pause_exit.is_none() {
+                self.limit_before_pause_exit = Some(self.stop_at_retired);
+            }
+            self.stop_at_retired = Some(self.retired.saturating_add(1));
+        }
+    }
+
     /// Executes one instruction with the interrupt-shadow bookkeeping.
     /// `Ok(None)`: it retired (or delivered its exception); `Ok(Some(exit))`:
     /// the run ends.
@@ -530,6 +604,9 @@ impl InterpVcpu {
         self.mov_ss_shadow = false;
         let start = self.rip;
         self.replay_pos = 0;
+        // Data breakpoint hits a MOV SS / POP SS shadow holds for this
+        // instruction (see `debug_trap`).
+        let held = self.db_hits;
         // The guest's own debug exceptions (SDM vol. 3, 17.3): an
         // instruction breakpoint is a fault before the instruction (not on
         // its re-execution after an exit, nor with RF set, nor in a MOV SS
@@ -550,15 +627,22 @@ impl InterpVcpu {
             Ok(()) => {
                 self.replay_len = 0;
                 self.retired += 1;
-                if tf && self.single_step_trap(delivered) {
-                    self.dr.dr6 = (self.dr.dr6 & !0xf) | DR6_BS;
-                    return self.raise(Event::exception(1, None));
+                let single_step = tf && self.single_step_trap(delivered);
+                if single_step || self.db_hits != 0 {
+                    return self.debug_trap(single_step);
                 }
                 None
             }
             Err(Stop::Done(exit)) => {
                 self.replay_len = 0;
                 self.retired += 1;
+                // HLT: its single-step trap waits in the halt state and is
+                // delivered first when an interrupt ends it (a trap of the
+                // previous instruction comes before an external interrupt,
+                // SDM vol. 3, 6.9): `run` delivers it.
+                if tf && self.single_step_trap(delivered) {
+                    self.db_hits |= DR6_BS;
+                }
                 Some(exit)
             }
             Err(Stop::Exit(exit)) => {
@@ -568,14 +652,44 @@ impl InterpVcpu {
                 self.rip = start;
                 self.sti_shadow = sti;
                 self.mov_ss_shadow = movss;
+                // Its re-execution makes its accesses again.
+                self.db_hits = held;
                 Some(exit)
             }
             Err(Stop::Exc(vector, error_code)) => {
                 self.replay_len = 0;
                 self.rip = start;
-                self.raise(Event::exception(vector, error_code))
+                // A faulting instruction did not complete: its accesses
+                // make no data breakpoint trap (SDM vol. 3, 18.3.1.2).
+                self.db_hits = held;
+                let exit = self.raise(Event::exception(vector, error_code));
+                if exit.is_none() && self.db_hits != 0 {
+                    // Hits held by a MOV SS shadow come after the fault's
+                    // delivery, at its handler's first instruction.
+                    return self.debug_trap(false);
+                }
+                exit
             }
         }
+    }
+
+    /// The trap-class #DB after an instruction: single-step (DR6.BS) and
+    /// the data / I/O breakpoints it hit (DR6.B0-B3, the others cleared;
+    /// SDM vol. 3, 18.2.3), one #DB for all. A MOV SS / POP SS holds the
+    /// data breakpoints until the next instruction has run (SDM vol. 3,
+    /// 6.8.3), including one that delivers an event: after INT n or INT3
+    /// the #DB comes at the handler's first instruction; a #DB delivered
+    /// meanwhile (INT1) reports them itself (`deliver`).
+    #[cold]
+    #[inline(never)]
+    fn debug_trap(&mut self, single_step: bool) -> Option<VcpuExit> {
+        if self.mov_ss_shadow {
+            return None;
+        }
+        let hits = std::mem::take(&mut self.db_hits);
+        let bs = if single_step { DR6_BS } else { 0 };
+        self.dr.dr6 = (self.dr.dr6 & !0xf) | hits | bs;
+        self.raise(Event::exception(1, None))
     }
 
     /// Delivers `event` with the SDM's double-fault rules (vol. 3, table
@@ -645,6 +759,7 @@ impl Vcpu for InterpVcpu {
         if self.kick.flag.swap(false, Ordering::SeqCst) {
             return Ok(VcpuExit::Kicked);
         }
+        self.drop_code_others_wrote();
         self.finish_in_progress();
         if let Some(e) = self.deferred_exit.take() {
             return Ok(e);
@@ -656,6 +771,13 @@ impl Vcpu for InterpVcpu {
             .is_some_and(|d| std::mem::take(&mut d.retired) && d.single_step)
         {
             return Ok(self.debug_exit(DR6_BS));
+        }
+        // A debug trap an instruction that ended the last run (HLT) left
+        // pending comes before the event that wakes the processor.
+        if self.db_hits != 0 && !self.mov_ss_shadow {
+            if let Some(exit) = self.debug_trap(false) {
+                return Ok(exit);
+            }
         }
         if let Some(ev) = self.pending_event.take() {
             if ev.kind == EventKind::Nmi {
@@ -685,7 +807,11 @@ impl Vcpu for InterpVcpu {
             {
                 return Ok(VcpuExit::InterruptWindow);
             }
-            if self.nmi_window && !self.nmi_blocked && !self.mov_ss_shadow {
+            // An STI shadow holds NMIs back too, as on Intel processors
+            // (SDM vol. 3, 24.4.2, "blocking by STI ... may also block
+            // NMIs on some processors"; KVM's VMX NMI readiness and Bochs
+            // do the same, and kvm-unit-tests' nmi-after-sti checks it).
+            if self.nmi_window && !self.nmi_blocked && !self.mov_ss_shadow && !self.sti_shadow {
                 return Ok(VcpuExit::NmiWindow);
             }
             if debugging {
@@ -694,6 +820,9 @@ impl Vcpu for InterpVcpu {
                 }
             }
             if self.stop_at_retired.is_some_and(|t| self.retired >= t) {
+                if let Some(limit) = self.limit_before_pause_exit.take() {
+                    self.stop_at_retired = limit;
+                }
                 return Ok(VcpuExit::Kicked);
             }
             if n >= RUN_BUDGET {
@@ -748,7 +877,7 @@ impl Vcpu for InterpVcpu {
         Ok(Readiness {
             if_flag,
             interrupt: if_flag && !self.sti_shadow && !self.mov_ss_shadow && !busy,
-            nmi: !self.nmi_blocked && !self.mov_ss_shadow && !busy,
+            nmi: !self.nmi_blocked && !self.mov_ss_shadow && !self.sti_shadow && !busy,
         })
     }
 
@@ -827,6 +956,7 @@ impl Vcpu for InterpVcpu {
 
     fn set_debug_regs(&mut self, dr: &DebugRegs) -> VcpuResult<()> {
         self.dr = *dr;
+        self.dr7_changed();
         Ok(())
     }
 
@@ -927,7 +1057,13 @@ impl Vcpu for InterpVcpu {
     }
 
     fn set_run_limit(&mut self, instructions: Option<u64>) {
+        self.limit_before_pause_exit = None;
         self.stop_at_retired = instructions.map(|n| self.retired.saturating_add(n));
+    }
+
+    fn set_pause_exiting(&mut self, pauses: Option<u32>) {
+        self.pause_exiting = pauses;
+        self.pauses = 0;
     }
 
     fn kicker(&self) -> Arc<dyn Kick> {
@@ -980,5 +1116,52 @@ mod run_limit_tests {
         v.set_run_limit(None);
         assert_eq!(v.run().unwrap(), VcpuExit::Kicked);
         assert_eq!(v.retired(), 17 + RUN_BUDGET);
+    }
+
+    /// A real-mode vCPU over `mem` at 0000:`ip`.
+    fn real_mode_at(id: u32, mem: &Arc<GuestMemory>, ip: u64) -> InterpVcpu {
+        let mut v = InterpVcpu::new(id, mem.clone());
+        let mut s = v.get_sregs().unwrap();
+        s.cs = cpu::Segment::real_mode(0, true);
+        v.set_sregs(&s).unwrap();
+        let mut r = v.get_regs().unwrap();
+        r.rip = ip;
+        v.set_regs(&r).unwrap();
+        v
+    }
+
+    /// Cross-modifying code (SDM vol. 3, 8.1.3): code one processor wrote
+    /// is what another executes after its next entry, although it had
+    /// decoded (and cached) the old bytes. Linux patches its text on one
+    /// CPU (INT3 first, then the new instruction, an IPI after each step);
+    /// a CPU that kept the INT3 cached took it forever, the handler
+    /// backing RIP up to retry the instruction it found restored.
+    #[test]
+    fn code_another_processor_wrote_is_seen_at_the_next_entry() {
+        let mem = Arc::new(GuestMemory::new(1 << 20).unwrap());
+        // 0x1000: mov al, 1; hlt
+        mem.write(0x1000, &[0xb0, 0x01, 0xf4]).unwrap();
+        // 0x2000: mov byte [0x1001], 2; hlt
+        mem.write(0x2000, &[0xc6, 0x06, 0x01, 0x10, 0x02, 0xf4])
+            .unwrap();
+        let mut reader = real_mode_at(1, &mem, 0x1000);
+        let mut writer = real_mode_at(0, &mem, 0x2000);
+        assert_eq!(reader.run().unwrap(), VcpuExit::Hlt);
+        assert_eq!(reader.get_regs().unwrap().rax & 0xff, 1);
+        assert_eq!(writer.run().unwrap(), VcpuExit::Hlt);
+        let mut r = reader.get_regs().unwrap();
+        r.rip = 0x1000;
+        reader.set_regs(&r).unwrap();
+        assert_eq!(reader.run().unwrap(), VcpuExit::Hlt);
+        assert_eq!(
+            reader.get_regs().unwrap().rax & 0xff,
+            2,
+            "the reader ran the instruction it had cached before the write"
+        );
+        // The writer's own write is not in its log: its cache dropped the
+        // page already, and it runs on.
+        assert_eq!(writer.code_seen, 0);
+        writer.drop_code_others_wrote();
+        assert_eq!(writer.code_seen, mem.code_watch().seq());
     }
 }

@@ -12,6 +12,9 @@ const GP: u8 = 13;
 const NP: u8 = 11;
 const SS_FAULT: u8 = 12;
 const TS: u8 = 10;
+/// IA32_PKRS: protection-key rights for supervisor-mode pages (SDM vol. 3,
+/// 4.6.2).
+const IA32_PKRS: u32 = 0x6e1;
 
 /// Whether `la` is canonical with 48-bit linear addresses.
 #[inline]
@@ -149,7 +152,7 @@ impl InterpVcpu {
     /// A supervisor (implicit) read of a system structure. Structures must
     /// be in RAM: an IDT, GDT or TSS in MMIO ends the run.
     pub(crate) fn system_read(&mut self, la: u64, size: usize) -> R<u64> {
-        match self.lin_read(la, size, false) {
+        match self.implicit_access(|me| me.lin_read(la, size, false)) {
             Err(Stop::Exit(_)) => Err(Stop::Exit(VcpuExit::Unhandled(format!(
                 "a descriptor table or TSS at linear {la:#x} is not in RAM"
             )))),
@@ -214,7 +217,7 @@ impl InterpVcpu {
                 self.sregs.gdt.base
             };
             let la = table.wrapping_add(u64::from(sel & 0xfff8) + 5);
-            self.lin_write(la, 1, ((raw >> 40) & 0xff) | 1, false)
+            self.implicit_access(|me| me.lin_write(la, 1, ((raw >> 40) & 0xff) | 1, false))
                 .map_err(|e| self.system_fault(e))?;
             s.type_ |= 1;
         }
@@ -310,10 +313,32 @@ impl InterpVcpu {
         self.system_read(tr.base.wrapping_add(off), size)
     }
 
+    /// Delivers `ev` (`deliver_event`) with the data breakpoint rules: the
+    /// accesses of the delivery itself (IDT, GDT, TSS, stack frame) make no
+    /// data breakpoint trap here, and a #DB exception (not INT 1) reports
+    /// the hits a MOV SS shadow held in its DR6.B0-B3, as it is the #DB
+    /// they were waiting for.
+    pub(crate) fn deliver(&mut self, ev: &Event) -> R<()> {
+        let mut held = self.db_hits;
+        if held != 0
+            && ev.vector == 1
+            && matches!(
+                ev.kind,
+                EventKind::HardwareException | EventKind::PrivilegedSoftwareException
+            )
+        {
+            self.dr.dr6 = (self.dr.dr6 & !0xf) | held;
+            held = 0;
+        }
+        let r = self.deliver_event(ev);
+        self.db_hits = held;
+        r
+    }
+
     /// Delivers `ev` through the IDT (SDM vol. 3, 6.12 and 6.14). The return
     /// address is the current RIP (plus the instruction length for an
     /// injected software event).
-    pub(crate) fn deliver(&mut self, ev: &Event) -> R<()> {
+    fn deliver_event(&mut self, ev: &Event) -> R<()> {
         self.events_delivered = self.events_delivered.wrapping_add(1);
         let soft = matches!(
             ev.kind,
@@ -734,62 +759,119 @@ impl InterpVcpu {
             (self.rflags & !changeable) | (v & changeable) | tandem_core::cpu::rflags::FIXED1;
     }
 
-    /// SYSCALL (SDM vol. 2): long mode only; Intel processors raise #UD
-    /// outside 64-bit mode (compatibility mode), AMD ones enter at CSTAR.
+    /// SYSCALL. Intel (SDM vol. 2): 64-bit mode only, #UD in
+    /// compatibility mode and outside long mode. AMD (APM vol. 3,
+    /// SYSCALL): in long mode from 64-bit mode (target LSTAR) and from
+    /// compatibility mode (target CSTAR), always into 64-bit CS; in legacy
+    /// protected mode into a flat 32-bit CS at STAR[31:0], clearing VM, IF
+    /// and RF (RFLAGS is not saved and SFMASK not used). CS and SS are
+    /// STAR[47:32] and STAR[47:32] + 8 with fixed attributes.
     pub(crate) fn syscall(&mut self) -> R<()> {
-        if self.sregs.efer & efer::SCE == 0 || !self.sregs.long_mode() {
+        if self.sregs.efer & efer::SCE == 0 {
             return Err(Stop::Exc(6, None));
         }
-        if self.bitness != 64 && self.intel_vendor() {
+        let long = self.sregs.long_mode();
+        if self.intel_vendor() {
+            if self.bitness != 64 {
+                return Err(Stop::Exc(6, None));
+            }
+        } else if self.sregs.cr0 & cr0::PE == 0 {
+            // Legacy SYSCALL loads protected-mode selectors: not in real
+            // mode.
             return Err(Stop::Exc(6, None));
         }
+        let tf_before = self.rflags & TF != 0;
         let sel = ((self.msr.star >> 32) & 0xfffc) as u16;
-        self.gpr[1] = self.rip;
-        self.gpr[11] = self.rflags & !RF;
-        self.rflags &= !(self.msr.fmask | RF);
+        let (cs, ss);
+        if long {
+            self.gpr[1] = self.rip;
+            self.gpr[11] = self.rflags & !RF;
+            self.rflags &= !(self.msr.fmask | RF);
+            cs = Segment::flat(sel, 0xb, true);
+            ss = Segment::flat(sel.wrapping_add(8), 0x3, false);
+            self.rip = if self.bitness == 64 {
+                self.msr.lstar
+            } else {
+                self.msr.cstar
+            };
+        } else {
+            self.gpr[1] = self.rip & 0xffff_ffff;
+            self.rflags &= !(VM | IF | RF);
+            cs = Segment::flat(sel, 0xb, false);
+            ss = Segment::flat(sel.wrapping_add(8), 0x3, false);
+            self.rip = self.msr.star & 0xffff_ffff;
+        }
         self.rflags |= tandem_core::cpu::rflags::FIXED1;
-        let mut cs = Segment::flat(sel, 0xb, true);
-        cs.dpl = 0;
-        let ss = Segment::flat(sel + 8, 0x3, false);
         self.sregs.cs = cs;
         self.sregs.ss = ss;
-        self.rip = if self.bitness == 64 || self.sregs.long_mode() {
-            self.msr.lstar
-        } else {
-            self.msr.cstar
-        };
         self.mode_changed();
+        self.single_step_at_end(tf_before);
         Ok(())
     }
 
-    /// SYSRET (SDM vol. 2); `size` 8 returns to 64-bit mode, 4 to
-    /// compatibility mode.
+    /// SYSRET; `size` 8 returns to 64-bit mode, 4 to compatibility mode (or,
+    /// on AMD outside long mode, to legacy protected mode). Intel (SDM vol.
+    /// 2): 64-bit mode only (#UD otherwise), #GP(0) at CPL > 0 or for a
+    /// non-canonical RCX, SS = (STAR[63:48] + 8) | 3 with fixed flat
+    /// attributes. AMD (APM vol. 3, SYSRET): also from compatibility mode
+    /// and legacy mode (#GP(0) in real mode or at CPL > 0), no RCX check
+    /// (a non-canonical RIP faults at CPL 3 on the fetch), and only the SS
+    /// selector changes: SS keeps its base, limit and attributes. In legacy
+    /// mode RFLAGS is not loaded from R11, IF is set.
     pub(crate) fn sysret(&mut self, size: usize) -> R<()> {
-        if self.sregs.efer & efer::SCE == 0 || !self.sregs.long_mode() {
+        if self.sregs.efer & efer::SCE == 0 {
             return Err(Stop::Exc(6, None));
         }
-        if self.cpl() != 0 {
+        let intel = self.intel_vendor();
+        if intel && self.bitness != 64 {
+            return Err(Stop::Exc(6, None));
+        }
+        if self.sregs.cr0 & cr0::PE == 0 || self.cpl() != 0 {
             return Err(Stop::Exc(GP, Some(0)));
         }
         let base = ((self.msr.star >> 48) & 0xffff) as u16;
         let rcx = self.gpr[1];
-        if size == 8 && !canonical(rcx) {
+        if intel && size == 8 && !canonical(rcx) {
             return Err(Stop::Exc(GP, Some(0)));
         }
-        let mut cs = if size == 8 {
+        let tf_before = self.rflags & TF != 0;
+        let to64 = size == 8 && self.bitness == 64;
+        let mut cs = if to64 {
             Segment::flat(base.wrapping_add(16) | 3, 0xb, true)
         } else {
             Segment::flat(base | 3, 0xb, false)
         };
         cs.dpl = 3;
-        let mut ss = Segment::flat(base.wrapping_add(8) | 3, 0x3, false);
-        ss.dpl = 3;
-        self.rflags = (self.gpr[11] & 0x3c_7fd7) | tandem_core::cpu::rflags::FIXED1;
-        self.rip = if size == 8 { rcx } else { rcx & 0xffff_ffff };
+        if self.sregs.long_mode() {
+            self.rflags = (self.gpr[11] & 0x3c_7fd7) | tandem_core::cpu::rflags::FIXED1;
+        } else {
+            self.rflags = (self.rflags & !RF) | IF;
+        }
+        self.rip = if to64 { rcx } else { rcx & 0xffff_ffff };
+        let ss_sel = base.wrapping_add(8) | 3;
+        if intel {
+            let mut ss = Segment::flat(ss_sel, 0x3, false);
+            ss.dpl = 3;
+            self.sregs.ss = ss;
+        } else {
+            self.sregs.ss.selector = ss_sel;
+        }
         self.sregs.cs = cs;
-        self.sregs.ss = ss;
         self.mode_changed();
+        self.single_step_at_end(tf_before);
         Ok(())
+    }
+
+    /// SYSCALL and SYSRET single-step on TF as they leave it, not as they
+    /// found it: a SYSCALL whose SFMASK clears TF makes no #DB in the
+    /// kernel, and a SYSRET that loads TF = 1 traps right after itself, in
+    /// user mode (as Linux's entry code and KVM's syscall test rely on).
+    /// The trap goes through the data breakpoint path (`db_hits`, DR6.BS).
+    fn single_step_at_end(&mut self, tf_before: bool) {
+        if self.rflags & TF != 0 {
+            self.db_hits |= crate::DR6_BS;
+        }
+        self.single_step_done = tf_before;
     }
 
     /// MOV to CR0 / CR2 / CR3 / CR4 / CR8 (SDM vol. 3, 2.5 and the MOV CR
@@ -949,6 +1031,8 @@ impl InterpVcpu {
             0xfe => 0,
             // IA32_XSS: no supervisor state components (XSAVES saves none).
             0xda0 if self.xsaves_offered() => 0,
+            IA32_PKRS if self.pks_offered() => u64::from(self.tlb.pkrs),
+            0xc001_0000..=0xc001_0007 if !self.intel_vendor() => m.amd_perf[(index & 7) as usize],
             _ => return None,
         })
     }
@@ -991,6 +1075,15 @@ impl InterpVcpu {
             // IA32_MCG_CAP is read-only.
             0x17a if v == 0 => {}
             0xda0 if self.xsaves_offered() && v == 0 => {}
+            // Bits 63:32 are reserved (SDM vol. 4, table 2-2).
+            IA32_PKRS if self.pks_offered() && v >> 32 == 0 => self.tlb.pkrs = v as u32,
+            // PerfCtr0-3 are 48 bits wide.
+            0xc001_0004..=0xc001_0007 if !self.intel_vendor() => {
+                self.msr.amd_perf[(index & 7) as usize] = v & ((1 << 48) - 1)
+            }
+            0xc001_0000..=0xc001_0003 if !self.intel_vendor() => {
+                self.msr.amd_perf[(index & 7) as usize] = v
+            }
             _ => return false,
         }
         true
@@ -1064,7 +1157,39 @@ impl InterpVcpu {
         allowed |= feature(7, 1, 20, 1 << 21); // SMAP
         allowed |= feature(7, 2, 2, 1 << 11); // UMIP
         allowed |= feature(7, 2, 3, 1 << 22); // PKU
+        allowed |= feature(7, 2, 31, 1 << 24); // PKS
         allowed
+    }
+
+    /// CPUID.(EAX=07H,ECX=0):ECX[31]: PKS and IA32_PKRS.
+    pub(crate) fn pks_offered(&self) -> bool {
+        self.cpuid.raw(7, 0)[2] & (1 << 31) != 0
+    }
+
+    /// RDPKRU: EAX = PKRU, EDX = 0; ECX must be 0 (SDM vol. 2, RDPKRU).
+    pub(crate) fn exec_rdpkru(&mut self) -> R<()> {
+        if self.sregs.cr4 & crate::mmu::CR4_PKE == 0 {
+            return Err(Stop::Exc(6, None));
+        }
+        if self.gpr[1] as u32 != 0 {
+            return Err(Stop::Exc(GP, Some(0)));
+        }
+        self.gpr[0] = u64::from(self.pkru());
+        self.gpr[2] = 0;
+        Ok(())
+    }
+
+    /// WRPKRU: PKRU = EAX; ECX and EDX must be 0 (SDM vol. 2, WRPKRU). The
+    /// TLB keeps no rights derived from PKRU, so nothing is flushed.
+    pub(crate) fn exec_wrpkru(&mut self) -> R<()> {
+        if self.sregs.cr4 & crate::mmu::CR4_PKE == 0 {
+            return Err(Stop::Exc(6, None));
+        }
+        if self.gpr[1] as u32 != 0 || self.gpr[2] as u32 != 0 {
+            return Err(Stop::Exc(GP, Some(0)));
+        }
+        self.set_pkru(self.gpr[0] as u32);
+        Ok(())
     }
 
     /// CPUID.(EAX=0DH,ECX=1):EAX[3]: XSAVES / XRSTORS and IA32_XSS.
@@ -1076,10 +1201,9 @@ impl InterpVcpu {
     /// model, or KVM's supported list cut to it), with the run-time fields
     /// from this vCPU's state.
     pub(crate) fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
-        let osxsave = self.sregs.cr4 & cr4::OSXSAVE != 0;
         let mut r = self
             .cpuid
-            .lookup(leaf, sub, self.id, osxsave, self.fpu.xcr0);
+            .lookup_cr4(leaf, sub, self.id, self.sregs.cr4, self.fpu.xcr0);
         if leaf == 1 && self.msr.apic_global_disabled {
             // CPUID.1:EDX.APIC[bit 9] reads 0 while IA32_APIC_BASE.EN is
             // clear (SDM vol. 3, 11.4.3).
@@ -1128,15 +1252,73 @@ impl InterpVcpu {
         (hits != 0).then_some(hits)
     }
 
+    /// DR7 changed: whether linear accesses must look for data
+    /// breakpoints (some DRn enabled, L or G, with R/W = 01 or 11).
+    pub(crate) fn dr7_changed(&mut self) {
+        let dr7 = self.dr.dr7;
+        self.data_bp_armed =
+            (0..4).any(|n| (dr7 >> (2 * n)) & 3 != 0 && (dr7 >> (16 + 4 * n)) & 1 != 0);
+    }
+
+    /// B0-B3 of the enabled breakpoints among DR0-DR3 whose R/W field is
+    /// one of `kinds` (a bit mask of R/W values) and whose range covers a
+    /// byte of `addr..addr + size`. LEN 00, 01, 11, 10 cover 1, 2, 4 and 8
+    /// bytes at DRn with its low bits ignored (SDM vol. 3, 18.2.5). DR6
+    /// reports only enabled breakpoints, which the SDM permits (18.2.3).
+    fn breakpoints_covering(&self, addr: u64, size: usize, kinds: u8) -> u64 {
+        let dr7 = self.dr.dr7;
+        (0..4).fold(0u64, |hits, n| {
+            let enabled = (dr7 >> (2 * n)) & 3 != 0;
+            let rw = (dr7 >> (16 + 4 * n)) & 3;
+            let len: u64 = match (dr7 >> (18 + 4 * n)) & 3 {
+                0 => 1,
+                1 => 2,
+                2 => 8,
+                _ => 4,
+            };
+            let base = self.dr.db[n] & !(len - 1);
+            // The two ranges overlap, with wrap-around at the top of the
+            // address space.
+            let overlap = addr.wrapping_sub(base) < len || base.wrapping_sub(addr) < size as u64;
+            if enabled && kinds & (1 << rw) != 0 && overlap {
+                hits | (1 << n)
+            } else {
+                hits
+            }
+        })
+    }
+
+    /// A data access to linear `la` while `data_bp_armed`: notes the data
+    /// breakpoints it hits, R/W = 01 for writes and 11 for reads and writes
+    /// (SDM vol. 3, 18.2.4), for the trap after the instruction.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn data_breakpoints(&mut self, la: u64, size: usize, write: bool) {
+        let kinds = if write { 0b1010 } else { 0b1000 };
+        self.db_hits |= self.breakpoints_covering(la, size, kinds);
+    }
+
+    /// A port access (IN, OUT, INS, OUTS) of `size` bytes at `port`: with
+    /// CR4.DE set, R/W = 10 makes DR0-DR3 I/O breakpoints (SDM vol. 3,
+    /// 18.2.4), traps after the instruction as data breakpoints are.
+    pub(crate) fn io_breakpoints(&mut self, port: u64, size: usize) {
+        if self.dr.dr7 & 0xff != 0 && self.sregs.cr4 & (1 << 3) != 0 {
+            self.db_hits |= self.breakpoints_covering(port, size, 0b0100);
+        }
+    }
+
     /// Whether an instruction that started with TF set traps after it
     /// (SDM vol. 3, 17.3.1.4): not when it delivered an event (INT n,
     /// INT3, INTO, INT1 clear TF on the way to their handler), nor when it
     /// was a MOV SS / POP SS, whose shadow suppresses debug exceptions
     /// until the next instruction has run (SDM vol. 3, 6.8.3). STI's shadow
     /// does not. TF set by the instruction itself (POPF, IRET) first traps
-    /// after the next one, as the caller tests TF at the start.
-    pub(crate) fn single_step_trap(&self, events_before: u64) -> bool {
-        self.events_delivered == events_before && !self.mov_ss_shadow
+    /// after the next one, as the caller tests TF at the start; SYSCALL and
+    /// SYSRET decide for themselves (`single_step_at_end`).
+    pub(crate) fn single_step_trap(&mut self, events_before: u64) -> bool {
+        !std::mem::take(&mut self.single_step_done)
+            && self.events_delivered == events_before
+            && !self.mov_ss_shadow
     }
 
     /// CPUID.0's vendor string is "GenuineIntel".

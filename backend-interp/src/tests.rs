@@ -614,6 +614,45 @@ fn interrupt_window_waits_for_the_sti_shadow() {
 }
 
 #[test]
+fn pause_loop_exiting_ends_the_run_after_the_nth_pause() {
+    let mut v = with(|a| {
+        a.pause()?;
+        a.nop()?;
+        a.pause()?;
+        a.pause()?;
+        a.hlt()
+    });
+    v.set_pause_exiting(Some(2));
+    assert_eq!(v.run().unwrap(), VcpuExit::Kicked);
+    // PAUSE (2 bytes), NOP, PAUSE: the run ends right after the second.
+    assert_eq!(v.get_regs().unwrap().rip, CODE + 5);
+    v.set_pause_exiting(None);
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+}
+
+#[test]
+fn nmi_waits_for_the_sti_shadow() {
+    let mut v = with(|a| {
+        a.sti()?;
+        a.nop()?;
+        a.nop()?;
+        a.hlt()
+    });
+    assert!(v.readiness().unwrap().nmi);
+    // STI with IF=0 blocks NMIs for one instruction too (Intel, KVM's VMX
+    // readiness, Bochs): no NMI may land at the shadowed NOP.
+    assert!(v.step().is_none());
+    assert_eq!(v.get_regs().unwrap().rip, CODE + 1);
+    assert!(v.get_events().unwrap().interruptibility.sti);
+    assert!(!v.readiness().unwrap().nmi);
+    v.set_nmi_window_exiting(true);
+    assert_eq!(v.run().unwrap(), VcpuExit::NmiWindow);
+    // The window opens after the shadowed NOP.
+    assert_eq!(v.get_regs().unwrap().rip, CODE + 2);
+    assert!(v.readiness().unwrap().nmi);
+}
+
+#[test]
 fn mov_ss_shadow_is_not_extended_by_a_second_mov_ss() {
     let mut v = with(|a| {
         a.mov(eax, 0x10)?;
@@ -1388,6 +1427,70 @@ fn jecxz_and_jrcxz_test_ecx_and_rcx_not_cx() {
     );
 }
 
+/// KVM_HC_SEND_IPI (10): RBX/RCX the APIC-ID bitmap from RDX, RSI the
+/// ICR; each processor present gets one ICR write through the machine.
+#[test]
+fn vmcall_send_ipi_writes_the_icr_of_each_destination() {
+    let code = |a: &mut CodeAssembler| {
+        a.mov(rax, 10u64)?;
+        a.mov(rbx, 0b1011u64)?; // APIC IDs 1, 2, 4 (from RDX = 1)
+        a.mov(rcx, 0u64)?;
+        a.mov(rdx, 1u64)?;
+        a.mov(rsi, 0x1_4840u64)?; // vector 0x40, fixed, assert; logical (bit 11) and bit 16 dropped
+        a.vmcall()?;
+        a.hlt()
+    };
+    // x2APIC mode, four processors (APIC IDs 0-3): IDs 1 and 2 get it.
+    let mut v = with(code);
+    v.set_cpuid(std::sync::Arc::new(tandem_core::cpuid::CpuidTable::model(
+        4,
+    )));
+    assert_eq!(v.run().unwrap(), VcpuExit::RdMsr { index: 0x1b });
+    v.complete_rdmsr(Some(0xfee0_0000 | (1 << 11) | (1 << 10)));
+    let mut writes = Vec::new();
+    loop {
+        match v.run().unwrap() {
+            VcpuExit::WrMsr { index, value } => {
+                writes.push((index, value));
+                v.complete_wrmsr(true);
+            }
+            VcpuExit::RdMsr { .. } => v.complete_rdmsr(Some(0xfee0_0000 | (3 << 10))),
+            VcpuExit::Hlt => break,
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    assert_eq!(
+        writes,
+        vec![(0x830, (1 << 32) | 0x4040), (0x830, (2 << 32) | 0x4040)]
+    );
+    assert_eq!(v.get_regs().unwrap().rax, 2, "two IPIs sent");
+
+    // xAPIC mode: ICR high then ICR low in the APIC page, per destination.
+    let mut v = with(code);
+    v.set_cpuid(std::sync::Arc::new(tandem_core::cpuid::CpuidTable::model(
+        2,
+    )));
+    let mut mmio = Vec::new();
+    loop {
+        match v.run().unwrap() {
+            VcpuExit::RdMsr { .. } => v.complete_rdmsr(Some(0xfee0_0000 | (1 << 11))),
+            VcpuExit::MmioWrite { addr, len } => {
+                mmio.push((addr, len, v.mmio_data().to_vec()));
+            }
+            VcpuExit::Hlt => break,
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    assert_eq!(
+        mmio,
+        vec![
+            (0xfee0_0310, 4, (1u32 << 24).to_le_bytes().to_vec()),
+            (0xfee0_0300, 4, 0x4040u32.to_le_bytes().to_vec()),
+        ]
+    );
+    assert_eq!(v.get_regs().unwrap().rax, 1);
+}
+
 #[test]
 fn vmcall_returns_kvm_enosys_at_cpl0_and_eperm_above() {
     let mut v = with(|a| {
@@ -1867,4 +1970,972 @@ fn instruction_breakpoint_in_a_mov_ss_shadow_is_inhibited() {
     assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
     assert!(db_records(&v).is_empty());
     assert_eq!(v.get_regs().unwrap().rip, CODE + 0x20, "XOR and HLT ran");
+}
+
+/// Data the debug-register tests watch (below the stacks, user-accessible).
+const WATCHED: u64 = 0x5_0000;
+
+/// DR7 with breakpoint `n` enabled (L`n`) with R/W `rw` and LEN `len`
+/// (SDM vol. 3, 18.2.4).
+fn dr7_bp(n: u64, rw: u64, len: u64) -> u64 {
+    0x400 | (1 << (2 * n)) | (rw << (16 + 4 * n)) | (len << (18 + 4 * n))
+}
+
+/// Sets DR`n` to `addr` and DR7 to `dr7`, as a debugger (the VMM) would.
+fn set_breakpoint(v: &mut InterpVcpu, n: usize, addr: u64, control: u64) {
+    let mut d = v.get_debug_regs().unwrap();
+    d.db[n] = addr;
+    d.dr7 = control;
+    v.set_debug_regs(&d).unwrap();
+}
+
+/// Assembles `f`'s code at CODE over what is there and returns the
+/// addresses of the labels `f` returns.
+fn load_labelled(
+    v: &InterpVcpu,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<Vec<CodeLabel>, IcedError>,
+) -> Vec<u64> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    let labels = f(&mut a).unwrap();
+    let r = a
+        .assemble_options(
+            CODE,
+            iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .unwrap();
+    v.mem.write(CODE, &r.inner.code_buffer).unwrap();
+    labels.iter().map(|l| r.label_ip(l).unwrap()).collect()
+}
+
+const B: [u64; 4] = [1, 2, 4, 8];
+const DR6_RESET: u64 = 0xffff_0ff0;
+const DR6_BS: u64 = 1 << 14;
+
+#[test]
+fn data_write_breakpoint_traps_after_the_writing_instruction() {
+    // SDM vol. 3, 18.2.4 and 18.3.1.2: R/W = 01 breaks on data writes only,
+    // LEN = 11 watches 4 bytes; a data breakpoint is a trap: the #DB comes
+    // after the instruction, RIP past it, DR6.B1 set.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut after = a.create_label();
+        a.mov(eax, dword_ptr(WATCHED + 0x100))?; // a read: no break
+        a.mov(byte_ptr(WATCHED + 0x104), al)?; // past the 4 bytes
+        a.mov(byte_ptr(WATCHED + 0xff), al)?; // before them
+        a.mov(byte_ptr(WATCHED + 0x103), al)?; // their last byte
+        a.set_label(&mut after)?;
+        a.nop()?;
+        a.hlt()?;
+        Ok(vec![after])
+    });
+    set_breakpoint(&mut v, 1, WATCHED + 0x100, dr7_bp(1, 0b01, 0b11));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | B[1])]);
+    assert_eq!(v.get_regs().unwrap().rip, l[0] + 2, "NOP and HLT ran");
+}
+
+#[test]
+fn read_write_breakpoint_of_8_bytes_sees_overlapping_reads_and_writes() {
+    // R/W = 11: reads and writes (not fetches); LEN = 10: 8 bytes. An
+    // access that covers any watched byte hits (SDM vol. 3, 18.2.5).
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut read = a.create_label();
+        let mut rmw = a.create_label();
+        a.mov(rax, qword_ptr(WATCHED + 0x200))?; // 0x200..0x207: no
+        a.mov(rax, qword_ptr(WATCHED + 0x204))?; // 0x204..0x20b: yes
+        a.set_label(&mut read)?;
+        a.add(byte_ptr(WATCHED + 0x20f), al)?; // the last byte: yes
+        a.set_label(&mut rmw)?;
+        a.mov(rax, qword_ptr(WATCHED + 0x210))?; // past it: no
+        a.hlt()?;
+        Ok(vec![read, rmw])
+    });
+    set_breakpoint(&mut v, 2, WATCHED + 0x208, dr7_bp(2, 0b11, 0b10));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(
+        db_records(&v),
+        vec![(l[0], DR6_RESET | B[2]), (l[1], DR6_RESET | B[2])]
+    );
+}
+
+#[test]
+fn disabled_and_execution_breakpoints_do_not_watch_data() {
+    // DR0: R/W = 01 but neither L0 nor G0; DR3: enabled, R/W = 00 (an
+    // instruction breakpoint on a data address). Writing there is no #DB.
+    let mut v = with_db_recorder(100, |a| {
+        a.mov(byte_ptr(WATCHED), al)?;
+        a.mov(qword_ptr(WATCHED + 0x40), rax)?;
+        a.hlt()
+    });
+    let mut d = v.get_debug_regs().unwrap();
+    d.db[0] = WATCHED;
+    d.db[3] = WATCHED + 0x40;
+    d.dr7 = 0x400 | (0b01 << 16) | (0b11 << 18) | (1 << 6);
+    v.set_debug_regs(&d).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert!(db_records(&v).is_empty());
+}
+
+#[test]
+fn mov_to_dr7_arms_a_data_breakpoint() {
+    // The guest sets the breakpoint itself (MOV DR1, MOV DR7): the store
+    // after it traps.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut after = a.create_label();
+        a.mov(rax, WATCHED + 0x300)?;
+        a.mov(dr1, rax)?;
+        a.mov(eax, dr7_bp(1, 0b01, 0b01) as u32)?;
+        a.mov(dr7, rax)?;
+        a.mov(word_ptr(WATCHED + 0x301), ax)?;
+        a.set_label(&mut after)?;
+        a.hlt()?;
+        Ok(vec![after])
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | B[1])]);
+}
+
+#[test]
+fn rep_string_traps_after_the_iteration_that_hit() {
+    // SDM vol. 3, 18.3.1.2: a data breakpoint on a repeated string
+    // instruction traps after the iteration that accessed it: RIP is the
+    // REP STOSB itself, which finishes after the handler returns.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut rep = a.create_label();
+        a.mov(edi, WATCHED as u32)?;
+        a.mov(ecx, 16)?;
+        a.mov(eax, 0xaa)?;
+        a.set_label(&mut rep)?;
+        a.rep().stosb()?;
+        a.hlt()?;
+        Ok(vec![rep])
+    });
+    set_breakpoint(&mut v, 0, WATCHED + 8, dr7_bp(0, 0b01, 0b00));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | B[0])]);
+    let r = v.get_regs().unwrap();
+    assert_eq!((r.rcx, r.rdi), (0, WATCHED + 16), "the rest of the REP ran");
+    assert_eq!(v.mem.read_u8(WATCHED + 15).unwrap(), 0xaa);
+}
+
+#[test]
+fn mov_ss_holds_a_data_breakpoint_until_after_the_next_instruction() {
+    // SDM vol. 3, 6.8.3: a MOV SS that hits a data breakpoint has its #DB
+    // delivered after the following instruction.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    v.mem.write_u64(WATCHED, 0x10).unwrap();
+    let l = load_labelled(&v, |a| {
+        let mut after_nop = a.create_label();
+        a.mov(ss, word_ptr(WATCHED))?;
+        a.nop()?;
+        a.set_label(&mut after_nop)?;
+        a.nop()?;
+        a.hlt()?;
+        Ok(vec![after_nop])
+    });
+    set_breakpoint(&mut v, 0, WATCHED, dr7_bp(0, 0b11, 0b01));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | B[0])]);
+}
+
+#[test]
+fn a_db_delivered_in_the_mov_ss_shadow_reports_the_held_breakpoint() {
+    // MOV SS hits DR0, then INT1 (ICEBP) in its shadow: one #DB, which
+    // carries DR6.B0 (the held trap is not delivered a second time).
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    v.mem.write_u64(WATCHED, 0x10).unwrap();
+    let l = load_labelled(&v, |a| {
+        let mut after = a.create_label();
+        a.mov(ss, word_ptr(WATCHED))?;
+        a.db(&[0xf1])?;
+        a.set_label(&mut after)?;
+        a.hlt()?;
+        Ok(vec![after])
+    });
+    set_breakpoint(&mut v, 0, WATCHED, dr7_bp(0, 0b11, 0b01));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | B[0])]);
+}
+
+#[test]
+fn a_held_data_breakpoint_follows_int_n_into_its_handler() {
+    // MOV SS hits DR0, then INT 0x30 in its shadow: the #DB comes when INT
+    // has completed, at the handler's first instruction.
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    v.mem.write_u64(WATCHED, 0x10).unwrap();
+    load_labelled(&v, |a| {
+        a.mov(ss, word_ptr(WATCHED))?;
+        a.int(0x30)?;
+        a.hlt()?;
+        Ok(vec![])
+    });
+    set_breakpoint(&mut v, 0, WATCHED, dr7_bp(0, 0b11, 0b01));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let handler = HANDLERS + 16 * 0x30;
+    assert_eq!(db_records(&v), vec![(handler, DR6_RESET | B[0])]);
+    assert_eq!(v.get_regs().unwrap().rip, handler + 1, "its HLT ran");
+}
+
+#[test]
+fn io_breakpoints_need_cr4_de() {
+    // SDM vol. 3, 18.2.4: R/W = 10 breaks on I/O to the port in DRn when
+    // CR4.DE is set (undefined otherwise: no break here); a trap after the
+    // IN / OUT.
+    for de in [false, true] {
+        let mut v = with_db_recorder(100, |a| a.hlt());
+        let l = load_labelled(&v, |a| {
+            let mut after = a.create_label();
+            a.out(0x80, al)?;
+            a.set_label(&mut after)?;
+            a.hlt()?;
+            Ok(vec![after])
+        });
+        let mut s = v.get_sregs().unwrap();
+        if de {
+            s.cr4 |= 1 << 3;
+        }
+        v.set_sregs(&s).unwrap();
+        set_breakpoint(&mut v, 3, 0x80, dr7_bp(3, 0b10, 0b00));
+        assert!(matches!(
+            v.run().unwrap(),
+            VcpuExit::IoOut { port: 0x80, .. }
+        ));
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let want = if de {
+            vec![(l[0], DR6_RESET | B[3])]
+        } else {
+            vec![]
+        };
+        assert_eq!(db_records(&v), want, "CR4.DE = {de}");
+    }
+}
+
+#[test]
+fn single_step_and_a_data_breakpoint_make_one_db() {
+    // Both trap conditions of one instruction are reported together: DR6.BS
+    // and DR6.B0 in a single #DB.
+    let mut v = with_db_recorder(1, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut after = a.create_label();
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x100)?;
+        a.popfq()?;
+        a.mov(byte_ptr(WATCHED), al)?;
+        a.set_label(&mut after)?;
+        a.hlt()?;
+        Ok(vec![after])
+    });
+    set_breakpoint(&mut v, 0, WATCHED, dr7_bp(0, 0b01, 0b00));
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | DR6_BS | B[0])]);
+}
+
+#[test]
+fn single_step_trap_of_hlt_comes_before_the_waking_interrupt() {
+    // A HLT that started with TF set: its single-step trap waits in the
+    // halt state and is taken when an interrupt wakes the processor, with
+    // RIP after the HLT (a trap of the previous instruction comes before an
+    // external interrupt, SDM vol. 3, 6.9).
+    let mut v = with_db_recorder(1, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut after = a.create_label();
+        a.pushfq()?;
+        a.or(qword_ptr(rsp), 0x300)?; // TF, IF
+        a.popfq()?;
+        a.hlt()?;
+        a.set_label(&mut after)?;
+        a.hlt()?;
+        Ok(vec![after])
+    });
+    // Vector 0x30's handler returns at once.
+    v.mem.write(HANDLERS + 16 * 0x30, &[0x48, 0xcf]).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert!(db_records(&v).is_empty(), "nothing while halted");
+    v.inject(Event::external(0x30)).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(db_records(&v), vec![(l[0], DR6_RESET | DR6_BS)]);
+    assert_eq!(v.get_regs().unwrap().rip, l[0] + 1);
+}
+
+/// The STAR value of the SYSCALL tests: SYSCALL CS 0x08 (SS 0x10); SYSRET
+/// base 0x10: CS 0x13 (compatibility mode), SS 0x1b, CS 0x23 (64-bit).
+const STAR: u64 = (0x10 << 48) | (0x08 << 32);
+
+fn set_vendor(v: &mut InterpVcpu, vendor: tandem_core::cpuid::Vendor) {
+    v.set_cpuid(Arc::new(tandem_core::cpuid::CpuidTable::model_for(
+        1, vendor,
+    )));
+}
+
+#[test]
+fn syscall_from_compatibility_mode_is_amd_only() {
+    // AMD APM vol. 3, SYSCALL: from compatibility mode the target is CSTAR,
+    // in 64-bit mode; SYSRET with 32-bit operand size returns to
+    // compatibility mode and changes only SS's selector (its base, limit and
+    // attributes stay). Intel (SDM vol. 2, SYSCALL): #UD in compatibility
+    // mode, and SYSRET loads flat DPL 3 SS attributes.
+    use tandem_core::cpuid::Vendor;
+    for vendor in [Vendor::Amd, Vendor::Intel] {
+        let mut v = machine();
+        set_vendor(&mut v, vendor);
+        let l = load_labelled(&v, |a| {
+            let mut user32 = a.create_label();
+            let mut cstar = a.create_label();
+            let mut after = a.create_label();
+            a.mov(ecx, 0xc000_0081u32)?;
+            a.mov(eax, STAR as u32)?;
+            a.mov(edx, (STAR >> 32) as u32)?;
+            a.wrmsr()?;
+            a.mov(ecx, 0xc000_0083u32)?; // CSTAR
+            a.lea(rax, ptr(cstar))?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.lea(rcx, ptr(user32))?;
+            a.mov(r11, 0x202u64)?;
+            a.sysret()?; // 32-bit operand size: to compatibility mode
+            a.set_label(&mut user32)?;
+            a.syscall()?; // 0F 05 in compatibility mode too
+            a.set_label(&mut after)?;
+            a.hlt()?;
+            a.set_label(&mut cstar)?;
+            a.hlt()?;
+            Ok(vec![after, cstar])
+        });
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        let s = v.get_sregs().unwrap();
+        if vendor == Vendor::Amd {
+            assert_eq!(r.rip, l[1] + 1, "entered at CSTAR");
+            assert_eq!((s.cs.selector, s.cs.l, s.ss.selector), (8, true, 0x10));
+            assert_eq!((r.rcx, r.r11), (l[0], 0x202));
+        } else {
+            assert_eq!(r.rip, HANDLERS + 16 * 6 + 1, "#UD");
+            let frame_rip = v.mem.read_u64(r.rsp).unwrap();
+            assert_eq!(frame_rip, l[0] - 2, "at the SYSCALL");
+        }
+    }
+    // The SS that SYSRET leaves: AMD keeps the attributes of the kernel's
+    // SS (DPL 0 here) and changes the selector, Intel loads flat DPL 3.
+    for (vendor, dpl) in [(Vendor::Amd, 0), (Vendor::Intel, 3)] {
+        let mut v = machine();
+        set_vendor(&mut v, vendor);
+        let l = load_labelled(&v, |a| {
+            let mut user = a.create_label();
+            a.mov(ecx, 0xc000_0081u32)?;
+            a.mov(eax, STAR as u32)?;
+            a.mov(edx, (STAR >> 32) as u32)?;
+            a.wrmsr()?;
+            a.lea(rcx, ptr(user))?;
+            a.mov(r11, 0x2u64)?;
+            a.sysretq()?;
+            a.set_label(&mut user)?;
+            a.nop()?;
+            Ok(vec![user])
+        });
+        for _ in 0..7 {
+            assert_eq!(v.step_one().unwrap(), None);
+        }
+        let s = v.get_sregs().unwrap();
+        assert_eq!(v.get_regs().unwrap().rip, l[0], "{vendor:?}");
+        assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (0x23, 3, true));
+        assert_eq!((s.ss.selector, s.ss.dpl), (0x1b, dpl), "{vendor:?}");
+    }
+}
+
+#[test]
+fn syscall_and_sysret_single_step_on_tf_as_they_leave_it() {
+    // SYSRET loading TF = 1 from R11 traps right after itself, in user
+    // mode; SYSCALL whose SFMASK clears TF makes no #DB in the kernel (KVM's
+    // syscall test, Linux's entry code).
+    let mut v = with_db_recorder(100, |a| a.hlt());
+    let l = load_labelled(&v, |a| {
+        let mut user = a.create_label();
+        let mut lstar = a.create_label();
+        a.mov(ecx, 0xc000_0081u32)?;
+        a.mov(eax, STAR as u32)?;
+        a.mov(edx, (STAR >> 32) as u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0082u32)?; // LSTAR
+        a.lea(rax, ptr(lstar))?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0xc000_0084u32)?; // SFMASK: TF
+        a.mov(eax, 0x100)?;
+        a.wrmsr()?;
+        a.lea(rcx, ptr(user))?;
+        a.mov(r11, 0x302u64)?; // TF, IF
+        a.sysretq()?;
+        a.set_label(&mut user)?;
+        a.nop()?;
+        a.syscall()?;
+        a.set_label(&mut lstar)?;
+        a.hlt()?;
+        Ok(vec![user, lstar])
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(
+        db_records(&v),
+        vec![(l[0], DR6_RESET | DR6_BS), (l[0] + 1, DR6_RESET | DR6_BS)],
+        "after SYSRET and after the NOP; none after SYSCALL"
+    );
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rip, l[1] + 1);
+    assert_ne!(r.r11 & 0x100, 0, "R11 has the user's TF");
+}
+
+#[test]
+fn amd_legacy_performance_counters_are_amd_only() {
+    // AMD APM vol. 2, 13.2.1: PerfEvtSel0-3 at C001_0000h, PerfCtr0-3 (48
+    // bits) at C001_0004h; an Intel processor has no such MSRs (#GP).
+    use tandem_core::cpuid::Vendor;
+    for vendor in [Vendor::Amd, Vendor::Intel] {
+        let mut v = with(|a| {
+            a.mov(ecx, 0xc001_0004u32)?;
+            a.mov(eax, 0x1234_5678u32)?;
+            a.mov(edx, 0xffff_ffffu32)?;
+            a.wrmsr()?;
+            a.rdmsr()?;
+            a.hlt()
+        });
+        set_vendor(&mut v, vendor);
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        if vendor == Vendor::Amd {
+            assert_eq!((r.rax, r.rdx), (0x1234_5678, 0xffff), "48 bits kept");
+        } else {
+            assert_eq!(r.rip, HANDLERS + 16 * 13 + 1, "#GP");
+        }
+    }
+}
+
+#[test]
+fn amd_syscall_and_sysret_in_legacy_protected_mode() {
+    // AMD APM vol. 3, SYSCALL / SYSRET outside long mode: SYSRET enters CPL
+    // 3 at ECX with CS = STAR[63:48] | 3 (flat 32-bit) and sets IF; SYSCALL
+    // saves the return EIP in ECX, enters CS = STAR[47:32] at STAR[31:0]
+    // and clears IF, VM and RF. Intel: both #UD outside 64-bit mode.
+    use tandem_core::cpuid::Vendor;
+    for vendor in [Vendor::Amd, Vendor::Intel] {
+        let mut v = machine32();
+        set_vendor(&mut v, vendor);
+        let mut s = v.get_sregs().unwrap();
+        s.efer = efer::SCE;
+        v.set_sregs(&s).unwrap();
+        let mut a = CodeAssembler::new(32).unwrap();
+        let mut user = a.create_label();
+        let mut after = a.create_label();
+        let mut target = a.create_label();
+        a.mov(ecx, 0xc000_0081u32).unwrap();
+        a.mov(eax, 0u32).unwrap(); // patched below: the target EIP
+        a.mov(edx, 0x0010_0038u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0u32).unwrap(); // patched below: the user EIP
+        a.sysret().unwrap();
+        a.set_label(&mut user).unwrap();
+        a.syscall().unwrap();
+        a.set_label(&mut after).unwrap();
+        a.hlt().unwrap();
+        a.set_label(&mut target).unwrap();
+        a.hlt().unwrap();
+        let r = a
+            .assemble_options(
+                CODE,
+                iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+            )
+            .unwrap();
+        let (user, after, target) = (
+            r.label_ip(&user).unwrap(),
+            r.label_ip(&after).unwrap(),
+            r.label_ip(&target).unwrap(),
+        );
+        let mut code = r.inner.code_buffer.clone();
+        // MOV ECX, imm32 (B9, 5 bytes); MOV EAX, imm32 at 5; MOV EDX at 10;
+        // WRMSR (2) at 15; MOV ECX, imm32 at 17.
+        assert_eq!((code[5], code[17]), (0xb8, 0xb9));
+        code[6..10].copy_from_slice(&(target as u32).to_le_bytes());
+        code[18..22].copy_from_slice(&(user as u32).to_le_bytes());
+        v.mem.write(CODE, &code).unwrap();
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        let s = v.get_sregs().unwrap();
+        if vendor == Vendor::Amd {
+            assert_eq!(r.rip, target + 1);
+            assert_eq!((s.cs.selector, s.cs.dpl, s.cs.db), (0x38, 0, true));
+            assert_eq!(s.ss.selector, 0x40);
+            assert_eq!(r.rcx, after, "ECX: the return EIP");
+            assert_eq!(r.rflags & IF, 0, "IF cleared (SYSRET had set it)");
+        } else {
+            assert_eq!(r.rip, HANDLERS + 16 * 6 + 1, "#UD");
+            assert_eq!(u64::from(v.mem.read_u32(r.rsp).unwrap()), user - 2);
+        }
+    }
+}
+
+// SMEP, SMAP and protection keys (SDM vol. 3, 4.6; error code 4.7).
+
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+const CR4_PKE: u64 = 1 << 22;
+const CR4_PKS: u64 = 1 << 24;
+const PF_VECTOR_RIP: u64 = HANDLERS + 14 * 16 + 1;
+/// The linear page the rights tests access, mapped by a 4 KiB PTE.
+const RIGHTS_PAGE: u64 = 0x4000_0000;
+
+/// A vCPU running `f` at CPL 0 with `cr4_bits` set by MOV to CR4 first
+/// (so the CR4 check against CPUID runs), the first GiB a supervisor-mode
+/// page when `supervisor_low` (code, stack and tables), and RIGHTS_PAGE
+/// mapped to physical 0x300000 with leaf PTE bits `pte` (the upper
+/// levels P | W | U).
+fn rights_vcpu(
+    cr4_bits: u64,
+    supervisor_low: bool,
+    pte: u64,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>,
+) -> InterpVcpu {
+    let v = with(|a| {
+        a.mov(rax, cr4)?;
+        a.mov(rcx, cr4_bits)?;
+        a.or(rax, rcx)?;
+        a.mov(cr4, rax)?;
+        f(a)
+    });
+    if supervisor_low {
+        v.mem.write_u64(0x2000, 0x83).unwrap();
+    }
+    v.mem.write_u64(0x2008, 0x6007).unwrap();
+    v.mem.write_u64(0x6000, 0x7007).unwrap();
+    v.mem.write_u64(0x7000, 0x30_0000 | pte).unwrap();
+    v.mem.write_u32(0x30_0000, 0x1234_5678).unwrap();
+    v
+}
+
+/// Runs to HLT; returns the #PF error code and CR2, or None when no #PF
+/// was taken.
+fn run_for_pf(v: &mut InterpVcpu) -> Option<(u64, u64)> {
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    if r.rip != PF_VECTOR_RIP {
+        return None;
+    }
+    Some((v.mem.read_u64(r.rsp).unwrap(), v.get_sregs().unwrap().cr2))
+}
+
+#[test]
+fn cpuid_offers_smep_smap_pku_pks_and_ospke_follows_cr4() {
+    let mut v = with(|a| {
+        a.mov(eax, 7)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(esi, ecx)?;
+        a.mov(rax, cr4)?;
+        a.mov(rcx, CR4_PKE)?;
+        a.or(rax, rcx)?;
+        a.mov(cr4, rax)?;
+        a.mov(eax, 7)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rbx & (1 << 7 | 1 << 20), 1 << 7 | 1 << 20, "SMEP, SMAP");
+    assert_eq!(r.rsi & (1 << 3 | 1 << 31), 1 << 3 | 1 << 31, "PKU, PKS");
+    assert_eq!(r.rsi & (1 << 4), 0, "OSPKE clear before CR4.PKE");
+    assert_ne!(r.rcx & (1 << 4), 0, "OSPKE set with CR4.PKE");
+}
+
+#[test]
+fn cr4_rights_bits_are_gp_without_the_cpuid_feature() {
+    for bit in [CR4_SMEP, CR4_SMAP, CR4_PKE, CR4_PKS] {
+        let mut v = rights_vcpu(bit, true, 7, |a| a.hlt());
+        let mut t = tandem_core::cpuid::CpuidTable::model(1);
+        for e in &mut t.entries {
+            if e.function == 7 {
+                e.ebx = 0;
+                e.ecx = 0;
+            }
+        }
+        v.set_cpuid(Arc::new(t));
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        assert_eq!(r.rip, HANDLERS + 13 * 16 + 1, "CR4 bit {bit:#x}: #GP");
+        assert_eq!(v.get_sregs().unwrap().cr4 & bit, 0);
+        // With the model's CPUID the same write is accepted.
+        let mut v = rights_vcpu(bit, true, 7, |a| a.hlt());
+        assert_eq!(run_for_pf(&mut v), None);
+        assert!(v.get_regs().unwrap().rip < HANDLERS, "no fault");
+        assert_ne!(v.get_sregs().unwrap().cr4 & bit, 0);
+    }
+}
+
+#[test]
+fn smep_faults_a_supervisor_fetch_from_a_user_page() {
+    for (cr4_bits, faults) in [(0, false), (CR4_SMEP, true)] {
+        let mut v = rights_vcpu(cr4_bits, true, 7, |a| {
+            a.mov(rax, RIGHTS_PAGE)?;
+            a.jmp(rax)
+        });
+        v.mem.write_u8(0x30_0000, 0xf4).unwrap(); // HLT on the user page
+        let pf = run_for_pf(&mut v);
+        if faults {
+            // P | I/D (EFER.NXE is set), supervisor, CR2 the target.
+            assert_eq!(pf, Some((0x11, RIGHTS_PAGE)));
+        } else {
+            assert_eq!(pf, None);
+            assert_eq!(v.get_regs().unwrap().rip, RIGHTS_PAGE + 1);
+        }
+    }
+    // I/D is set for a SMEP fault even without EFER.NXE (SDM vol. 3, 4.7).
+    let mut v = rights_vcpu(CR4_SMEP, true, 7, |a| {
+        a.mov(rax, RIGHTS_PAGE)?;
+        a.jmp(rax)
+    });
+    let mut s = v.get_sregs().unwrap();
+    s.efer &= !efer::NXE;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(run_for_pf(&mut v), Some((0x11, RIGHTS_PAGE)));
+    // A user-mode page is still readable at CPL 0 with SMEP alone.
+    let mut v = rights_vcpu(CR4_SMEP, true, 7, |a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    assert_eq!(run_for_pf(&mut v), None);
+    assert_eq!(v.get_regs().unwrap().rax, 0x1234_5678);
+}
+
+#[test]
+fn smap_faults_supervisor_data_accesses_to_user_pages_unless_ac() {
+    // STAC: the read and the write pass (and leave a cached translation);
+    // CLAC: the same read faults without any flush.
+    let mut v = rights_vcpu(CR4_SMAP, true, 7, |a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.stac()?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.mov(dword_ptr(rbx + 4), eax)?;
+        a.clac()?;
+        a.mov(esi, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    assert_eq!(run_for_pf(&mut v), Some((0x1, RIGHTS_PAGE)), "read: P");
+    assert_eq!(v.get_regs().unwrap().rax, 0x1234_5678);
+    assert_eq!(v.mem.read_u32(0x30_0004).unwrap(), 0x1234_5678);
+    // A write with AC clear: P | W.
+    let mut v = rights_vcpu(CR4_SMAP, true, 7, |a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.mov(dword_ptr(rbx + 8), ebx)?;
+        a.hlt()
+    });
+    assert_eq!(run_for_pf(&mut v), Some((0x3, RIGHTS_PAGE + 8)));
+    assert_eq!(v.mem.read_u32(0x30_0008).unwrap(), 0, "nothing written");
+    // With AC set, a read-only user page: CR0.WP decides as without SMAP.
+    for (wp, faults) in [(true, true), (false, false)] {
+        let mut v = rights_vcpu(CR4_SMAP, true, 5, |a| {
+            a.mov(rbx, RIGHTS_PAGE)?;
+            a.stac()?;
+            a.mov(dword_ptr(rbx + 8), ebx)?;
+            a.hlt()
+        });
+        if !wp {
+            let mut s = v.get_sregs().unwrap();
+            s.cr0 &= !cr0::WP;
+            v.set_sregs(&s).unwrap();
+        }
+        let pf = run_for_pf(&mut v);
+        assert_eq!(pf.is_some(), faults, "WP {wp}");
+    }
+    // Supervisor pages and instruction fetches from user pages are not
+    // SMAP's business.
+    let mut v = rights_vcpu(CR4_SMAP, true, 7, |a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.jmp(rbx)
+    });
+    v.mem.write_u8(0x30_0000, 0xf4).unwrap();
+    assert_eq!(run_for_pf(&mut v), None);
+    assert_eq!(v.get_regs().unwrap().rip, RIGHTS_PAGE + 1);
+}
+
+#[test]
+fn smap_faults_an_implicit_supervisor_access_even_with_ac() {
+    // The LDT lives on the user page; loading DS from it reads the
+    // descriptor with an implicit supervisor-mode access.
+    for (cr4_bits, faults) in [(0, false), (CR4_SMAP, true)] {
+        let mut v = rights_vcpu(cr4_bits, true, 7, |a| {
+            a.stac()?;
+            a.mov(eax, 4)?; // LDT entry 0, RPL 0
+            a.mov(ds, ax)?;
+            a.hlt()
+        });
+        v.mem.write_u64(0x30_0000, 0x00CF_9300_0000_FFFF).unwrap();
+        let mut s = v.get_sregs().unwrap();
+        s.ldt = Segment {
+            selector: 0x30,
+            base: RIGHTS_PAGE,
+            limit: 0xf,
+            type_: 2,
+            present: true,
+            ..Default::default()
+        };
+        v.set_sregs(&s).unwrap();
+        let pf = run_for_pf(&mut v);
+        if faults {
+            assert_eq!(pf, Some((0x1, RIGHTS_PAGE)), "P, supervisor read");
+        } else {
+            assert_eq!(pf, None);
+            assert_eq!(v.get_sregs().unwrap().ds.selector, 4);
+        }
+    }
+}
+
+/// Error code with PK (bit 5).
+const PF_PK: u64 = 0x20;
+
+#[test]
+fn pkru_access_disable_blocks_supervisor_data_accesses_to_user_pages() {
+    // Key 2 on the user page; PKRU.AD2 = bit 4. A first read caches the
+    // translation; WRPKRU then takes effect without a flush.
+    let mut v = rights_vcpu(CR4_PKE, false, 7 | (2 << 59), |a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.mov(edi, dword_ptr(rbx))?;
+        a.xor(ecx, ecx)?;
+        a.xor(edx, edx)?;
+        a.mov(eax, 0x10)?;
+        a.wrpkru()?;
+        a.rdpkru()?;
+        a.mov(esi, eax)?;
+        a.mov(eax, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    assert_eq!(run_for_pf(&mut v), Some((0x1 | PF_PK, RIGHTS_PAGE)));
+    let r = v.get_regs().unwrap();
+    assert_eq!((r.rdi, r.rsi), (0x1234_5678, 0x10), "read, then RDPKRU");
+    // AD for another key, and PKRU on a supervisor page: no effect.
+    for pte in [7 | (3 << 59), 3 | (2 << 59)] {
+        let mut v = rights_vcpu(CR4_PKE, false, pte, |a| {
+            a.mov(rbx, RIGHTS_PAGE)?;
+            a.xor(ecx, ecx)?;
+            a.xor(edx, edx)?;
+            a.mov(eax, 0x10)?;
+            a.wrpkru()?;
+            a.mov(dword_ptr(rbx), eax)?;
+            a.hlt()
+        });
+        assert_eq!(run_for_pf(&mut v), None, "PTE {pte:#x}");
+        assert_eq!(v.mem.read_u32(0x30_0000).unwrap(), 0x10);
+    }
+    // Instruction fetches are not subject to protection keys.
+    let mut v = rights_vcpu(CR4_PKE, false, 7 | (2 << 59), |a| {
+        a.xor(ecx, ecx)?;
+        a.xor(edx, edx)?;
+        a.mov(eax, 0x10)?;
+        a.wrpkru()?;
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.jmp(rbx)
+    });
+    v.mem.write_u8(0x30_0000, 0xf4).unwrap();
+    assert_eq!(run_for_pf(&mut v), None);
+    assert_eq!(v.get_regs().unwrap().rip, RIGHTS_PAGE + 1);
+}
+
+#[test]
+fn pkru_write_disable_blocks_supervisor_writes_only_with_wp() {
+    for (wp, faults) in [(true, true), (false, false)] {
+        let mut v = rights_vcpu(CR4_PKE, false, 7 | (2 << 59), |a| {
+            a.mov(rbx, RIGHTS_PAGE)?;
+            a.xor(ecx, ecx)?;
+            a.xor(edx, edx)?;
+            a.mov(eax, 0x20)?; // WD2
+            a.wrpkru()?;
+            a.mov(esi, dword_ptr(rbx))?; // reads pass
+            a.mov(dword_ptr(rbx), eax)?;
+            a.hlt()
+        });
+        if !wp {
+            let mut s = v.get_sregs().unwrap();
+            s.cr0 &= !cr0::WP;
+            v.set_sregs(&s).unwrap();
+        }
+        let pf = run_for_pf(&mut v);
+        assert_eq!(v.get_regs().unwrap().rsi, 0x1234_5678);
+        if faults {
+            assert_eq!(pf, Some((0x3 | PF_PK, RIGHTS_PAGE)), "P | W | PK");
+        } else {
+            assert_eq!(pf, None);
+            assert_eq!(v.mem.read_u32(0x30_0000).unwrap(), 0x20);
+        }
+    }
+}
+
+#[test]
+fn pkru_write_disable_blocks_user_writes_even_without_wp() {
+    // CPL 3 code (WRPKRU works at any CPL); CR4.PKE set beforehand.
+    let mut v = with(|a| {
+        a.mov(rbx, RIGHTS_PAGE)?;
+        a.xor(ecx, ecx)?;
+        a.xor(edx, edx)?;
+        a.mov(eax, 0x20)?;
+        a.wrpkru()?;
+        a.mov(esi, dword_ptr(rbx))?;
+        a.mov(dword_ptr(rbx), eax)?;
+        a.hlt()
+    });
+    v.mem.write_u64(0x2008, 0x6007).unwrap();
+    v.mem.write_u64(0x6000, 0x7007).unwrap();
+    v.mem.write_u64(0x7000, 0x30_0000 | 7 | (2 << 59)).unwrap();
+    v.mem.write_u32(0x30_0000, 0x1234_5678).unwrap();
+    let mut s = v.get_sregs().unwrap();
+    s.cr4 |= CR4_PKE;
+    s.cr0 &= !cr0::WP;
+    s.cs = Segment::flat(0x23, 0xb, true);
+    s.cs.dpl = 3;
+    s.ss = Segment::flat(0x1b, 3, false);
+    s.ss.dpl = 3;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(run_for_pf(&mut v), Some((0x7 | PF_PK, RIGHTS_PAGE)));
+    assert_eq!(v.get_regs().unwrap().rsi, 0x1234_5678, "the read passed");
+}
+
+#[test]
+fn rdpkru_wrpkru_fault_without_cr4_pke_or_with_ecx_edx_set() {
+    let ud = HANDLERS + 6 * 16 + 1;
+    let gp = HANDLERS + 13 * 16 + 1;
+    let cases: [(u64, u64, u64, bool, u64); 5] = [
+        // (CR4 bits, ECX, EDX, RDPKRU rather than WRPKRU, handler)
+        (0, 0, 0, true, ud),
+        (0, 0, 0, false, ud),
+        (CR4_PKE, 1, 0, true, gp),
+        (CR4_PKE, 1, 0, false, gp),
+        (CR4_PKE, 0, 1, false, gp),
+    ];
+    for (bits, ecx_v, edx_v, read, handler) in cases {
+        let mut v = rights_vcpu(bits, false, 7, |a| {
+            a.mov(ecx, ecx_v as u32)?;
+            a.mov(edx, edx_v as u32)?;
+            a.mov(eax, 0xc)?;
+            if read {
+                a.rdpkru()?;
+            } else {
+                a.wrpkru()?;
+            }
+            a.hlt()
+        });
+        assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+        let r = v.get_regs().unwrap();
+        assert_eq!(r.rip, handler, "{bits:#x} {ecx_v} {edx_v} {read}");
+    }
+}
+
+#[test]
+fn pks_keys_guard_supervisor_pages_through_ia32_pkrs() {
+    // (IA32_PKRS, CR0.WP, write, expected error code)
+    let cases: [(u32, bool, bool, Option<u64>); 5] = [
+        (0x10, true, false, Some(0x1 | PF_PK)),
+        (0x10, false, true, Some(0x3 | PF_PK)),
+        (0x20, true, true, Some(0x3 | PF_PK)),
+        (0x20, false, true, None),
+        (0x20, true, false, None),
+    ];
+    for (pkrs, wp, write, expect) in cases {
+        let mut v = rights_vcpu(CR4_PKS, false, 3 | (2 << 59), |a| {
+            a.mov(rbx, RIGHTS_PAGE)?;
+            a.mov(esi, dword_ptr(rbx))?; // cached with PKRS = 0
+            a.mov(ecx, 0x6e1)?;
+            a.xor(edx, edx)?;
+            a.mov(eax, pkrs)?;
+            a.wrmsr()?;
+            a.xor(eax, eax)?;
+            a.rdmsr()?;
+            a.mov(edi, eax)?;
+            if write {
+                a.mov(dword_ptr(rbx), eax)?;
+            } else {
+                a.mov(eax, dword_ptr(rbx))?;
+            }
+            a.hlt()
+        });
+        if !wp {
+            let mut s = v.get_sregs().unwrap();
+            s.cr0 &= !cr0::WP;
+            v.set_sregs(&s).unwrap();
+        }
+        let pf = run_for_pf(&mut v);
+        let r = v.get_regs().unwrap();
+        assert_eq!(r.rdi, u64::from(pkrs), "RDMSR reads IA32_PKRS back");
+        assert_eq!(r.rsi, 0x1234_5678);
+        assert_eq!(pf.map(|p| p.0), expect, "{pkrs:#x} WP {wp} write {write}");
+    }
+    // IA32_PKRS does not guard user pages, nor without CR4.PKS.
+    for (bits, pte) in [(CR4_PKS, 7 | (2 << 59)), (0, 3 | (2 << 59))] {
+        let mut v = rights_vcpu(bits, false, pte, |a| {
+            a.mov(ecx, 0x6e1)?;
+            a.xor(edx, edx)?;
+            a.mov(eax, 0x30)?;
+            a.wrmsr()?;
+            a.mov(rbx, RIGHTS_PAGE)?;
+            a.mov(dword_ptr(rbx), eax)?;
+            a.hlt()
+        });
+        assert_eq!(run_for_pf(&mut v), None, "CR4 {bits:#x} PTE {pte:#x}");
+        assert_eq!(v.mem.read_u32(0x30_0000).unwrap(), 0x30);
+    }
+    // Reserved bits 63:32 of IA32_PKRS: #GP(0).
+    let mut v = rights_vcpu(CR4_PKS, false, 3, |a| {
+        a.mov(ecx, 0x6e1)?;
+        a.mov(edx, 1)?;
+        a.xor(eax, eax)?;
+        a.wrmsr()?;
+        a.hlt()
+    });
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    assert_eq!(v.get_regs().unwrap().rip, HANDLERS + 13 * 16 + 1);
+}
+
+#[test]
+fn pkru_is_xsave_state_component_9() {
+    let mut v = xsave_vcpu(|a| {
+        a.mov(rax, cr4)?;
+        a.mov(rcx, CR4_PKE)?;
+        a.or(rax, rcx)?;
+        a.mov(cr4, rax)?;
+        a.xor(ecx, ecx)?;
+        a.xor(edx, edx)?;
+        // AD2 | AD3 (key 0, the test's own pages, stays open).
+        a.mov(eax, 0x50)?;
+        a.wrpkru()?;
+        a.mov(eax, 0x203)?;
+        a.xsetbv()?;
+        a.mov(eax, 0xffff_ffffu32)?;
+        a.mov(edx, eax)?;
+        a.mov(rsi, 0x9000u64)?;
+        a.xsave64(ptr(rsi))?;
+        // Restore PKRU = 0xc from a second image.
+        a.mov(rsi, 0xc000u64)?;
+        a.mov(eax, 0x200)?;
+        a.xor(edx, edx)?;
+        a.xrstor64(ptr(rsi))?;
+        a.xor(ecx, ecx)?;
+        a.rdpkru()?;
+        a.hlt()
+    });
+    v.mem.write_u64(0xc000 + 512, 0x200).unwrap();
+    v.mem.write_u32(0xc000 + 2688, 0xc).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(r.rax, 0xc, "XRSTOR loaded PKRU");
+    assert_eq!(
+        v.mem.read_u32(0x9000 + 2688).unwrap(),
+        0x50,
+        "XSAVE stored PKRU"
+    );
+    assert_ne!(
+        v.mem.read_u64(0x9000 + 512).unwrap() & 0x200,
+        0,
+        "XSTATE_BV[9]"
+    );
+    let f = v.get_fpu().unwrap();
+    assert_eq!(f.xcr0, 0x203);
+    assert_eq!(&f.xsave[2688..2692], &0xcu32.to_le_bytes());
 }

@@ -79,15 +79,28 @@ pub mod model {
     /// same either way).
     /// Also FDP_EXCPTN_ONLY (6) and FCS/FDS deprecated (13), which describe
     /// the x87 pointer behaviour the interpreter has.
-    pub const LEAF7_EBX: u32 = (1 << 6) | (1 << 9) | (1 << 13);
-    pub const LEAF7_ECX: u32 = 0;
+    /// SMEP (7) and SMAP (20): supervisor-mode execution and access
+    /// prevention (SDM vol. 3, 4.6.1).
+    pub const LEAF7_EBX: u32 = (1 << 6) | (1 << 7) | (1 << 9) | (1 << 13) | (1 << 20);
+    /// Leaf 7.0 ECX: PKU (3), protection keys for user-mode pages, and PKS
+    /// (31), for supervisor-mode pages (SDM vol. 3, 4.6.2); (OSPKE, 4,
+    /// dynamic).
+    pub const LEAF7_ECX: u32 = (1 << 3) | (1 << 31);
+    /// Leaf 7.0 ECX OSPKE: CR4.PKE, filled in by [`super::CpuidTable::lookup_cr4`].
+    pub const LEAF7_ECX_OSPKE: u32 = 1 << 4;
     pub const LEAF7_EDX: u32 = 0;
     /// 0x8000_0001 ECX: LAHF/SAHF in 64-bit mode, PREFETCHW.
     pub const EXT1_ECX: u32 = (1 << 0) | (1 << 8);
     /// 0x8000_0001 EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, long mode.
     pub const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
-    /// XCR0 components: x87 and SSE (no AVX execution).
-    pub const XCR0: u64 = 0b11;
+    /// XCR0 components: x87, SSE (no AVX execution) and PKRU (9).
+    pub const XCR0: u64 = 0b11 | XCR0_PKRU;
+    /// XCR0 bit 9: the PKRU state component (4 bytes at offset 2688 of
+    /// the standard form, SDM vol. 1, 13.5.7).
+    pub const XCR0_PKRU: u64 = 1 << 9;
+    /// Standard-form offset and size of the PKRU component (CPUID.(0xD,9)).
+    pub const PKRU_OFFSET: u32 = 2688;
+    pub const PKRU_SIZE: u32 = 8;
     /// Leaf 0xD.1 EAX: XSAVEOPT, XSAVEC, XGETBV with ECX=1, XSAVES.
     pub const XSAVE_EXT: u32 = 0b1111;
     /// Physical address width (the interpreter's reserved-bit checks).
@@ -99,13 +112,29 @@ pub mod model {
 /// Size of the standard-form XSAVE area for components `xcr0` (legacy 512 +
 /// header 64, then the components the model knows).
 pub fn xsave_size(xcr0: u64) -> u32 {
-    // AVX state (component 2) ends at 576 + 256; the model offers only x87
-    // and SSE, which live in the legacy area.
-    if xcr0 & 0b100 != 0 {
+    // AVX state (component 2) ends at 576 + 256, PKRU (9) at 2688 + 8; x87
+    // and SSE live in the legacy area.
+    if xcr0 & model::XCR0_PKRU != 0 {
+        model::PKRU_OFFSET + model::PKRU_SIZE
+    } else if xcr0 & 0b100 != 0 {
         576 + 256
     } else {
         576
     }
+}
+
+/// Size of the compacted-form XSAVE area (XSAVEC / XSAVES) for components
+/// `xcr0`: the legacy area and header, then the components packed in bit
+/// order (none of the model's asks for 64-byte alignment).
+pub fn xsave_compacted_size(xcr0: u64) -> u32 {
+    let mut size = 576;
+    if xcr0 & 0b100 != 0 {
+        size += 256;
+    }
+    if xcr0 & model::XCR0_PKRU != 0 {
+        size += model::PKRU_SIZE;
+    }
+    size
 }
 
 /// One processor's CPUID table.
@@ -136,6 +165,13 @@ fn indexed(function: u32) -> bool {
             | 0x1f
             | 0x8000_001d
     )
+}
+
+/// The XCR0 bits a host's leaf 0xD.0 announces.
+fn host_xcr0(host: &[CpuidEntry]) -> u64 {
+    host.iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.eax) | (u64::from(e.edx) << 32))
 }
 
 fn entry(function: u32, index: u32, r: [u32; 4]) -> CpuidEntry {
@@ -212,6 +248,7 @@ impl CpuidTable {
             ],
         ));
         e.push(entry(0xd, 1, [model::XSAVE_EXT, 0, 0, 0]));
+        e.push(entry(0xd, 9, [model::PKRU_SIZE, model::PKRU_OFFSET, 0, 0]));
         e.push(entry(0x8000_0000, 0, [0x8000_0008, 0, 0, 0]));
         e.push(entry(
             0x8000_0001,
@@ -277,6 +314,11 @@ impl CpuidTable {
                         e.ebx = 0;
                         e.ecx = 0;
                         e.edx = 0;
+                    }
+                    // The PKRU component, where the host has it (its
+                    // layout is architectural).
+                    9 if host_xcr0(host) & model::XCR0_PKRU != 0 => {
+                        (e.eax, e.ebx, e.ecx, e.edx) = (model::PKRU_SIZE, model::PKRU_OFFSET, 0, 0);
                     }
                     _ => continue,
                 },
@@ -368,10 +410,40 @@ impl CpuidTable {
             // 1 (with XSAVES): the compacted size for XCR0 | IA32_XSS (no
             // supervisor states here), which x87 / SSE make the same.
             0xd if sub == 0 => r[1] = xsave_size(xcr0),
-            0xd if sub == 1 && r[0] & (1 << 3) != 0 => r[1] = xsave_size(xcr0),
+            0xd if sub == 1 && r[0] & (1 << 3) != 0 => r[1] = xsave_compacted_size(xcr0),
             _ => {}
         }
         r
+    }
+
+    /// [`CpuidTable::lookup`] with the CR4-dependent bits taken from `cr4`:
+    /// OSXSAVE (CR4 bit 18) in leaf 1 ECX and OSPKE (CR4.PKE, bit 22) in
+    /// leaf 7.0 ECX, where the table offers PKU.
+    pub fn lookup_cr4(&self, leaf: u32, sub: u32, apic_id: u32, cr4: u64, xcr0: u64) -> [u32; 4] {
+        let mut r = self.lookup(leaf, sub, apic_id, cr4 & (1 << 18) != 0, xcr0);
+        let max_basic = self.find(0, 0).map_or(0, |e| e.eax);
+        let eff = if leaf & 0x8000_0000 == 0 && leaf > max_basic {
+            max_basic
+        } else {
+            leaf
+        };
+        if eff == 7 && sub == 0 {
+            r[2] &= !model::LEAF7_ECX_OSPKE;
+            if cr4 & (1 << 22) != 0 && r[2] & (1 << 3) != 0 {
+                r[2] |= model::LEAF7_ECX_OSPKE;
+            }
+        }
+        r
+    }
+
+    /// MAXPHYADDR: CPUID 0x8000_0008 EAX[7:0], or 36 where the leaf is
+    /// missing (SDM vol. 3, 4.1.4).
+    pub fn phys_addr_bits(&self) -> u8 {
+        let max_ext = self.find(0x8000_0000, 0).map_or(0, |e| e.eax);
+        match self.find(0x8000_0008, 0) {
+            Some(e) if max_ext >= 0x8000_0008 && e.eax & 0xff != 0 => (e.eax & 0xff) as u8,
+            _ => 36,
+        }
     }
 
     /// Whether leaf 1 / 0x8000_0001 announce `bit` of `reg` (0=EAX..3=EDX).
@@ -396,9 +468,90 @@ impl CpuidTable {
     }
 }
 
+/// The vendor a processor model announces (CPUID.0 and CPUID.8000_0000h
+/// EBX, EDX, ECX). The interpreter follows the vendor's rules where Intel
+/// and AMD differ (SYSCALL / SYSRET outside 64-bit mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Vendor {
+    /// "GenuineIntel": Tandem's model by default.
+    #[default]
+    Intel,
+    /// "AuthenticAMD".
+    Amd,
+}
+
+impl Vendor {
+    /// The 12-byte vendor string as CPUID returns it in EBX, EDX, ECX.
+    pub fn id_words(self) -> [u32; 3] {
+        let id: &[u8; 12] = match self {
+            Vendor::Intel => b"GenuineIntel",
+            Vendor::Amd => b"AuthenticAMD",
+        };
+        let w = |n: usize| u32::from_le_bytes([id[n], id[n + 1], id[n + 2], id[n + 3]]);
+        [w(0), w(4), w(8)]
+    }
+}
+
+/// Leaf 1 EDX bits that AMD processors repeat in CPUID.8000_0001h:EDX
+/// (AMD APM vol. 3, appendix E.4.2): FPU..APIC (0-9), MTRR, PGE, MCA,
+/// CMOV, PAT, PSE36 (12-17), MMX (23), FXSR (24).
+const AMD_EXT1_EDX_MIRROR: u32 = 0x0183_f3ff;
+
+impl CpuidTable {
+    /// Tandem's processor model for `vcpus` vCPUs as `vendor` announces it:
+    /// the same features; for AMD the vendor string in leaves 0 and
+    /// 8000_0000h, a family 17h signature in leaves 1 and 8000_0001h (AMD
+    /// reports the signature in both), the leaf 1 EDX features AMD repeats
+    /// in 8000_0001h:EDX, and the core count in 8000_0008h:ECX.
+    pub fn model_for(vcpus: u32, vendor: Vendor) -> CpuidTable {
+        let mut t = CpuidTable::model(vcpus);
+        if vendor == Vendor::Intel {
+            return t;
+        }
+        let [b, d, c] = vendor.id_words();
+        // Family 0Fh + extended family 08h = 17h, model 01h, stepping 2.
+        let signature = 0x0080_0f12;
+        for e in &mut t.entries {
+            match e.function {
+                0 | 0x8000_0000 => (e.ebx, e.edx, e.ecx) = (b, d, c),
+                1 => e.eax = signature,
+                0x8000_0001 => {
+                    e.eax = signature;
+                    e.edx |= model::LEAF1_EDX & AMD_EXT1_EDX_MIRROR;
+                }
+                0x8000_0008 => e.ecx = vcpus.clamp(1, 256) - 1,
+                _ => {}
+            }
+        }
+        t
+    }
+
+    /// The vendor the table's leaf 0 announces (Intel for any other
+    /// string: the rules the interpreter follows by default).
+    pub fn vendor(&self) -> Vendor {
+        let r = self.raw(0, 0);
+        if [r[1], r[3], r[2]] == Vendor::Amd.id_words() {
+            Vendor::Amd
+        } else {
+            Vendor::Intel
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maxphyaddr_comes_from_leaf_0x80000008_or_defaults_to_36() {
+        assert_eq!(
+            CpuidTable::model(1).phys_addr_bits(),
+            model::MAXPHYADDR as u8
+        );
+        let mut t = CpuidTable::model(1);
+        t.entries.retain(|e| e.function != 0x8000_0008);
+        assert_eq!(t.phys_addr_bits(), 36);
+    }
 
     fn host_like() -> Vec<CpuidEntry> {
         vec![
@@ -473,6 +626,48 @@ mod tests {
     }
 
     #[test]
+    fn access_rights_features_and_ospke() {
+        let t = CpuidTable::model(1);
+        let r = t.lookup_cr4(7, 0, 0, 0, 3);
+        assert_eq!(r[1] & (1 << 7 | 1 << 20), 1 << 7 | 1 << 20, "SMEP, SMAP");
+        assert_eq!(r[2] & (1 << 3 | 1 << 31), 1 << 3 | 1 << 31, "PKU, PKS");
+        assert_eq!(r[2] & model::LEAF7_ECX_OSPKE, 0);
+        let pke = t.lookup_cr4(7, 0, 0, 1 << 22, 3);
+        assert_ne!(pke[2] & model::LEAF7_ECX_OSPKE, 0, "OSPKE follows CR4.PKE");
+        assert_ne!(
+            t.lookup_cr4(1, 0, 0, 1 << 18, 3)[2] & model::LEAF1_ECX_OSXSAVE,
+            0
+        );
+        // PKRU: XCR0 bit 9, 8 bytes at 2688; sizes for XCR0 with it.
+        assert_eq!(t.raw(0xd, 0)[0], 0x203);
+        assert_eq!(t.raw(0xd, 9), [8, 2688, 0, 0]);
+        assert_eq!(t.lookup(0xd, 0, 0, true, 0x203)[1], 2696);
+        assert_eq!(t.lookup(0xd, 1, 0, true, 0x203)[1], 584, "compacted");
+        // A host with SMEP / SMAP / PKU keeps them, without PKS loses PKS;
+        // the host's OSPKE is not copied.
+        let mut host = host_like();
+        for e in &mut host {
+            if e.function == 7 && e.index == 0 {
+                e.ebx |= 1 << 7 | 1 << 20;
+                e.ecx = 1 << 3 | 1 << 4;
+            }
+            if e.function == 0xd && e.index == 0 {
+                e.eax |= 1 << 9;
+            }
+        }
+        host.push(entry(0xd, 9, [8, 2688, 0, 0]));
+        let k = CpuidTable::restrict(&host, 1);
+        assert_eq!(k.raw(7, 0)[1] & (1 << 7 | 1 << 20), 1 << 7 | 1 << 20);
+        assert_eq!(k.raw(7, 0)[2], 1 << 3);
+        assert_eq!(k.raw(0xd, 0)[0], 0x203);
+        assert_eq!(k.raw(0xd, 9), [8, 2688, 0, 0]);
+        // Without PKRU on the host, no component 9 either.
+        let k = CpuidTable::restrict(&host_like(), 1);
+        assert_eq!(k.raw(0xd, 9), [0; 4]);
+        assert_eq!(k.raw(7, 0)[2] & (1 << 3), 0);
+    }
+
+    #[test]
     fn leaves_beyond_the_maximum_answer_like_intel() {
         let t = CpuidTable::model(1);
         assert_eq!(t.raw(0x20, 0), t.raw(0xd, 0), "highest basic leaf");
@@ -492,5 +687,43 @@ mod tests {
         for leaf in [1u32, 7, 0xd, 0x8000_0001, 0x8000_0008] {
             assert_eq!(r.raw(leaf, 0), m.raw(leaf, 0), "leaf {leaf:#x}");
         }
+    }
+    #[test]
+    fn amd_model_announces_authentic_amd_with_the_same_features() {
+        let intel = CpuidTable::model(2);
+        let amd = CpuidTable::model_for(2, Vendor::Amd);
+        assert_eq!(intel.vendor(), Vendor::Intel);
+        assert_eq!(amd.vendor(), Vendor::Amd);
+        assert_eq!(CpuidTable::model_for(2, Vendor::Intel), intel);
+        // "Auth" "enti" "cAMD" in EBX, EDX, ECX of leaves 0 and 8000_0000h.
+        let l0 = amd.raw(0, 0);
+        assert_eq!(
+            [l0[1], l0[3], l0[2]],
+            [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+        );
+        assert_eq!(l0[0], intel.raw(0, 0)[0], "same highest basic leaf");
+        let e0 = amd.raw(0x8000_0000, 0);
+        assert_eq!(
+            [e0[1], e0[3], e0[2]],
+            [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+        );
+        assert_eq!(e0[0], 0x8000_0008);
+        // Family 17h in leaf 1 and 8000_0001h.
+        let sig = amd.raw(1, 0)[0];
+        assert_eq!(((sig >> 8) & 0xf) + ((sig >> 20) & 0xff), 0x17);
+        assert_eq!(amd.raw(0x8000_0001, 0)[0], sig);
+        // Features: leaf 1 and 7 unchanged; SYSCALL and LM kept, FPU / CMOV
+        // mirrored into 8000_0001h:EDX.
+        for leaf in [1u32, 7, 0xd] {
+            assert_eq!(
+                &amd.raw(leaf, 0)[1..],
+                &intel.raw(leaf, 0)[1..],
+                "{leaf:#x}"
+            );
+        }
+        let ext = amd.raw(0x8000_0001, 0)[3];
+        assert_eq!(ext & model::EXT1_EDX, model::EXT1_EDX);
+        assert!(ext & 1 != 0 && ext & (1 << 15) != 0);
+        assert_eq!(amd.raw(0x8000_0008, 0)[2] & 0xff, 1, "two cores");
     }
 }

@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use crate::bus::Bus;
 use crate::clock::SharedClock;
-use crate::control::{MachineControl, StopRequest};
+use crate::control::{MachineControl, SleepState, StopRequest};
 use crate::cpu::{Regs, Sregs, VcpuState};
 use crate::irq::IsaIrqRouter;
 use crate::ladder::{self, InterruptSource, Startup};
@@ -101,11 +101,22 @@ pub enum RunError {
 
 /// The processor signature in RDX after INIT (SDM vol. 3, 9.1.4): family
 /// 6, as Tandem's CPUID model.
-const INIT_SIGNATURE: u32 = 0x0005_0654;
+pub const INIT_SIGNATURE: u32 = 0x0005_0654;
 
 /// Exits a vCPU may take in one round-robin slice before the next vCPU's
 /// turn (a slice also ends when the processor's own budget runs out).
 pub const ROUND_ROBIN_TURNS: usize = 1000;
+
+/// Instructions a vCPU runs per entry when round-robin vCPUs share the
+/// thread. Short enough that a vCPU spinning on another's answer (an IPI
+/// handshake, a spinlock) hands over within ~0.2 ms of guest work, long
+/// enough that the turn's own cost stays near 1%.
+pub const ROUND_ROBIN_SLICE: u64 = 10_000;
+
+/// PAUSEs after which a round-robin vCPU hands over (pause-loop exiting):
+/// a spin-wait loop (`while (!x) pause();`, Linux's cpu_relax) gives the
+/// vCPU it waits for its turn after a few dozen iterations, not a slice.
+pub const PAUSE_LOOP_EXITS: u32 = 32;
 
 /// What one turn of the run loop came to.
 #[derive(Debug)]
@@ -141,6 +152,20 @@ pub struct VcpuLoop {
     halted: Option<bool>,
     /// The last entry ended with a kick (or the interpreter's budget).
     kicked: bool,
+    /// Instructions per entry at most (round-robin vCPUs), if any.
+    slice: Option<u64>,
+    /// Wakes from S3 this vCPU has followed (see [`MachineControl::wakes`]).
+    wakes: u64,
+    /// Has seen the machine suspended (and kicked the others).
+    asleep: bool,
+}
+
+impl VcpuLoop {
+    /// The last entry ended with a kick or the processor's own budget: a
+    /// round-robin slice ends there.
+    pub fn kicked(&self) -> bool {
+        self.kicked
+    }
 }
 
 impl std::fmt::Debug for VcpuLoop {
@@ -244,10 +269,28 @@ impl Machine {
         stats: &mut ExitStats,
     ) -> Result<RunOutcome, RunError> {
         let mut loops: Vec<VcpuLoop> = vcpus.iter_mut().map(|v| self.vcpu_loop(&mut **v)).collect();
+        if loops.len() > 1 {
+            for l in &mut loops {
+                l.slice = Some(ROUND_ROBIN_SLICE);
+            }
+            for v in vcpus.iter_mut() {
+                v.set_pause_exiting(Some(PAUSE_LOOP_EXITS));
+            }
+        }
+        // The doorbells rung now, as a bit mask (vCPU i: bit i).
+        let rung = || {
+            self.doorbells
+                .iter()
+                .take(64)
+                .enumerate()
+                .fold(0u64, |m, (i, b)| m | (u64::from(b.is_rung()) << i))
+        };
         loop {
             let mut all_idle = true;
             let mut earliest: Option<u64> = None;
             for (l, v) in loops.iter_mut().zip(vcpus.iter_mut()) {
+                let before = rung();
+                let own = 1u64.checked_shl(l.id).unwrap_or(0);
                 for _ in 0..ROUND_ROBIN_TURNS {
                     match self.turn(l, &mut **v, stats, false)? {
                         Turn::Done(outcome) => return Ok(outcome),
@@ -259,7 +302,15 @@ impl Machine {
                         }
                         Turn::Ran => {
                             all_idle = false;
-                            if l.kicked {
+                            // Another vCPU's doorbell rang in this slice
+                            // (an IPI, an NMI, an interrupt routed there):
+                            // let it run now, as a vCPU thread would at
+                            // once. Not while this vCPU's own bell rings:
+                            // what it sent itself (a self-NMI) is taken
+                            // first, as the processor would at its next
+                            // boundary, before any other vCPU moves.
+                            let now = rung();
+                            if now & own == 0 && (l.kicked || now & !before & !own != 0) {
                                 break;
                             }
                         }
@@ -312,6 +363,9 @@ impl Machine {
             delivery: None,
             halted: None,
             kicked: false,
+            slice: None,
+            wakes: self.control.wakes(),
+            asleep: false,
         }
     }
 
@@ -330,6 +384,11 @@ impl Machine {
         if self.control.stop_requested() {
             if let Some(r) = self.control.stop_request() {
                 return Ok(Turn::Done(RunOutcome::Stop(r)));
+            }
+        }
+        if self.control.power_event() {
+            if let Some(t) = self.sleep_turn(l, vcpu, blocking)? {
+                return Ok(t);
             }
         }
         // INIT and start-up IPIs (SDM vol. 3, 9.4.4 and 11.6.1): the LAPIC
@@ -422,7 +481,7 @@ impl Machine {
             return Ok(Turn::Ran);
         }
         let progress = self.guest_progress();
-        let retired_before = self.limit_run(vcpu, progress);
+        let retired_before = self.limit_run(vcpu, progress, l.slice);
         let exit = vcpu.run();
         l.bell.leave();
         self.advance_with_instructions(vcpu, progress, retired_before);
@@ -541,6 +600,92 @@ impl Machine {
         Ok(Turn::Ran)
     }
 
+    /// ACPI S3 (see [`crate::control`]): while the machine is suspended no
+    /// vCPU enters the guest (the instruction that wrote SLP_EN completed;
+    /// nothing after it runs); the turn fires due timers (the RTC alarm is
+    /// the wake event) and waits for the next deadline: it sleeps on the
+    /// doorbell with the host clock, a virtual clock jumps there. The first
+    /// vCPU to see the wake event wakes the platform; every vCPU then
+    /// resets itself as after a power loss: the BSP in real mode at the
+    /// firmware waking vector, the APs in wait-for-SIPI (their LAPICs were
+    /// reset). `None`: the machine is awake and this vCPU is up to date.
+    fn sleep_turn(
+        &self,
+        l: &mut VcpuLoop,
+        vcpu: &mut dyn Vcpu,
+        blocking: bool,
+    ) -> Result<Option<Turn>, RunError> {
+        if self.control.sleep_state() != SleepState::Awake {
+            if !l.asleep {
+                l.asleep = true;
+                // The other vCPUs stop at their next instruction boundary.
+                for (i, b) in self.doorbells.iter().enumerate() {
+                    if i != l.id as usize {
+                        b.ring();
+                    }
+                }
+            }
+            let now = self.clock.now_ns();
+            self.timers.fire_due(now);
+            if self.control.complete_wake() {
+                for b in &self.doorbells {
+                    b.ring();
+                }
+                // The next turn resets this vCPU, or ends the run when the
+                // wake is a reset.
+                return Ok(Some(Turn::Ran));
+            }
+            let deadline = self.timers.next_deadline();
+            if !blocking {
+                return Ok(Some(Turn::Idle { deadline }));
+            }
+            match deadline {
+                Some(d) if self.clock.warp_to(d) => return Ok(Some(Turn::Ran)),
+                // Deterministic mode with nothing armed: no wake can come.
+                None if self.guest_progress().is_some() && self.doorbells.len() <= 1 => {
+                    return Ok(Some(Turn::Done(RunOutcome::DeadHalt(context(vcpu)))));
+                }
+                _ => {}
+            }
+            let nap = deadline.map_or(100_000_000, |d| d.saturating_sub(now).min(100_000_000));
+            if !l.bell.take() {
+                l.bell.wait(Some(Duration::from_nanos(nap)));
+            }
+            return Ok(Some(Turn::Ran));
+        }
+        let wakes = self.control.wakes();
+        if l.wakes != wakes {
+            l.wakes = wakes;
+            l.asleep = false;
+            l.halted = None;
+            l.delivery = None;
+            let bsp = l.id == 0;
+            let apic_base = crate::devices::lapic::APIC_DEFAULT_BASE
+                | crate::devices::lapic::APIC_BASE_ENABLE
+                | if bsp {
+                    crate::devices::lapic::APIC_BASE_BSP
+                } else {
+                    0
+                };
+            let mut st = VcpuState::after_init(bsp, apic_base, INIT_SIGNATURE);
+            if let (true, Some(v)) = (bsp, self.control.resume_vector()) {
+                // SeaBIOS's s3_resume: a far call to the vector as a
+                // real-mode segment:offset (CS = vector >> 4, IP = vector &
+                // 0xF), the other registers zero.
+                st.sregs.cs = crate::cpu::Segment::real_mode((v >> 4) as u16, true);
+                st.regs.rip = u64::from(v & 0xF);
+                st.regs.rdx = 0;
+            }
+            vcpu.set_state(&st)?;
+            l.cr8 = self.interrupts.cr8(l.id);
+            if let Some(c) = l.cr8 {
+                vcpu.set_cr8(c);
+            }
+            self.control.vcpu_resumed(self.doorbells.len().max(1));
+        }
+        Ok(None)
+    }
+
     /// Completes a port-I/O, MMIO or machine-MSR exit of `vcpu` through the
     /// buses and handlers (the run loop and the instruction fallback share
     /// it). Returns false, doing nothing, for any other exit.
@@ -629,24 +774,31 @@ impl Machine {
 
     /// Deterministic mode on a processor that counts instructions: limits
     /// the next run to the instructions left until the next timer deadline
-    /// (at least one), so the timer fires at that instruction boundary.
-    /// Returns the instructions retired before the run.
+    /// (at least one), so the timer fires at that instruction boundary;
+    /// round-robin vCPUs also to their `slice`. Returns the instructions
+    /// retired before the run (deterministic mode only).
     fn limit_run(
         &self,
         vcpu: &mut dyn Vcpu,
         progress: Option<crate::clock::GuestProgress>,
+        slice: Option<u64>,
     ) -> Option<u64> {
-        let rate = progress?.ns_per_instruction;
-        let retired = vcpu.instructions_retired()?;
-        if rate == 0 {
-            return None;
-        }
-        let limit = self.timers.next_deadline().map(|d| {
-            let left = d.saturating_sub(self.clock.now_ns());
-            left.div_ceil(rate).max(1)
+        let rate = progress.map(|p| p.ns_per_instruction).filter(|&r| r != 0);
+        let to_deadline = rate.and_then(|rate| {
+            self.timers.next_deadline().map(|d| {
+                let left = d.saturating_sub(self.clock.now_ns());
+                left.div_ceil(rate).max(1)
+            })
         });
-        vcpu.set_run_limit(limit);
-        Some(retired)
+        if rate.is_some() || slice.is_some() {
+            let limit = match (to_deadline, slice) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            vcpu.set_run_limit(limit);
+        }
+        rate?;
+        vcpu.instructions_retired()
     }
 
     /// Deterministic mode: moves the clock by the instructions the last run

@@ -174,6 +174,13 @@ pub trait Vcpu: Send {
     /// that cannot count instructions (KVM) ignore it.
     fn set_run_limit(&mut self, _instructions: Option<u64>) {}
 
+    /// Pause-loop exiting, as VMX's PLE: `run` returns
+    /// [`VcpuExit::Kicked`] after the guest has executed `pauses` PAUSE
+    /// instructions (`None`: never). Round-robin vCPUs sharing one thread
+    /// use it so a vCPU spinning on another's answer hands over at once.
+    /// Processors with their own threads (KVM) ignore it.
+    fn set_pause_exiting(&mut self, _pauses: Option<u32>) {}
+
     /// Debugging the guest from the VMM (KVM_SET_GUEST_DEBUG): with
     /// `single_step`, `run` returns [`VcpuExit::Debug`] after one
     /// instruction (or, when an injected event is delivered first, at the
@@ -274,6 +281,11 @@ impl Doorbell {
         }
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.cv.notify_all();
+    }
+
+    /// Whether the bell rang since the last `take`.
+    pub fn is_rung(&self) -> bool {
+        self.pending.load(Ordering::SeqCst)
     }
 
     /// Clears the pending flag; the caller is about to look at every source.

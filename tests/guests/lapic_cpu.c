@@ -8,6 +8,9 @@
  *  - TSC-deadline mode (11.5.4.1) compares IA32_TSC_DEADLINE with the TSC,
  *    the one RDTSC reads: a deadline at or before the current TSC fires at
  *    once (the MSR then reads 0), one far beyond it does not.
+ *  - IA32_APIC_BASE (11.4.4) holds a base below MAXPHYADDR: a WRMSR with
+ *    bit MAXPHYADDR (CPUID 0x80000008 EAX[7:0]) set raises #GP and leaves
+ *    the MSR alone.
  *
  * The 8259As are masked; self-IPI 0x40 is the test interrupt, given its
  * chance with open_irq_window() (see hw.h).
@@ -101,6 +104,27 @@ static void check_tsc_deadline(void)
     lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | 0x41);
 }
 
+static volatile int gp_hits;
+
+static void gp_handler(struct frame *f)
+{
+    gp_hits++;
+    f->rip += 2; /* past the WRMSR (0F 30) */
+}
+
+static void check_apic_base_reserved(void)
+{
+    uint32_t a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0x80000008u), "c"(0));
+    unsigned maxphyaddr = a & 0xff;
+    uint64_t base = rdmsr(0x1b);
+    set_handler(13, gp_handler);
+    wrmsr(0x1b, base | (1ull << maxphyaddr));
+    set_handler(13, 0);
+    report("IA32_APIC_BASE: bit MAXPHYADDR set is #GP, the MSR unchanged",
+           gp_hits == 1 && rdmsr(0x1b) == base);
+}
+
 int main(void)
 {
     set_handler(0x40, handler);
@@ -109,5 +133,6 @@ int main(void)
     lapic_enable(0xFF);
     check_cr8();
     check_tsc_deadline();
+    check_apic_base_reserved();
     return 0;
 }

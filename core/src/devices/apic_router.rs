@@ -353,6 +353,14 @@ impl ApicRouter {
         }
     }
 
+    /// MAXPHYADDR of the processor (CPUID 0x8000_0008 EAX[7:0]), for every
+    /// LAPIC's IA32_APIC_BASE reserved-bit check.
+    pub fn set_phys_addr_bits(&self, bits: u8) {
+        for l in &self.lapics {
+            lock(l).set_phys_addr_bits(bits);
+        }
+    }
+
     /// MOV to CR8 by vCPU `vcpu`.
     pub fn set_cr8(&self, vcpu: u32, cr8: u64) {
         let _ = self.with_lapic(Self::index(vcpu), |l| l.set_tpr(((cr8 & 0xF) << 4) as u8));
