@@ -590,6 +590,11 @@ impl Session {
         let mut entered = false;
         // PVM: the next instruction's address, fixed when the step starts.
         let mut step_target: Option<Option<u64>> = None;
+        // The handler an injected event will enter, wanted as a stop. It
+        // outlives the entry that injected it: a kick can end that entry
+        // before the processor delivers the event, and the delivery then
+        // happens in a later one.
+        let mut handler_bp = None;
         loop {
             if self.interrupt.swap(false, Ordering::SeqCst) {
                 return Ok(Stop::Interrupted);
@@ -608,7 +613,6 @@ impl Session {
             }
             let d =
                 ladder::inject_events_traced(self.vcpu(), &*machine.interrupts, &machine.tracer)?;
-            let mut handler_bp = None;
             let mut delivery = None;
             if let Some(ev) = d.injected {
                 self.stats.injections += 1;
@@ -619,9 +623,11 @@ impl Session {
                 let src = self.source_of(&ev);
                 self.last_injection = Some((ev, la, src));
                 let wanted = mode == Resume::Step || self.vector_bp(ev.vector).is_some();
-                if wanted {
-                    handler_bp = self.handler_address(ev.vector)?;
-                }
+                handler_bp = if wanted {
+                    self.handler_address(ev.vector)?
+                } else {
+                    None
+                };
             } else if halted_in_step {
                 return Ok(Stop::Step);
             }
