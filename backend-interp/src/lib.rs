@@ -576,6 +576,15 @@ impl InterpVcpu {
         }
     }
 
+    /// Nothing blocks an NMI at this boundary: no NMI handler running, no
+    /// MOV SS shadow, and no STI shadow, which holds NMIs back too on Intel
+    /// processors (SDM vol. 3, 24.4.2, "blocking by STI ... may also block
+    /// NMIs on some processors"; KVM's VMX NMI readiness and Bochs do the
+    /// same, and kvm-unit-tests' nmi-after-sti checks it).
+    fn nmi_unblocked(&self) -> bool {
+        !self.nmi_blocked && !self.mov_ss_shadow && !self.sti_shadow
+    }
+
     /// A PAUSE retires: with pause-loop exiting, the run ends after it
     /// once enough have been counted (a run limit at the current count
     /// stops the loop at the next boundary).
@@ -807,11 +816,7 @@ impl Vcpu for InterpVcpu {
             {
                 return Ok(VcpuExit::InterruptWindow);
             }
-            // An STI shadow holds NMIs back too, as on Intel processors
-            // (SDM vol. 3, 24.4.2, "blocking by STI ... may also block
-            // NMIs on some processors"; KVM's VMX NMI readiness and Bochs
-            // do the same, and kvm-unit-tests' nmi-after-sti checks it).
-            if self.nmi_window && !self.nmi_blocked && !self.mov_ss_shadow && !self.sti_shadow {
+            if self.nmi_window && self.nmi_unblocked() {
                 return Ok(VcpuExit::NmiWindow);
             }
             if debugging {
@@ -877,7 +882,7 @@ impl Vcpu for InterpVcpu {
         Ok(Readiness {
             if_flag,
             interrupt: if_flag && !self.sti_shadow && !self.mov_ss_shadow && !busy,
-            nmi: !self.nmi_blocked && !self.mov_ss_shadow && !self.sti_shadow && !busy,
+            nmi: self.nmi_unblocked() && !busy,
         })
     }
 

@@ -172,18 +172,7 @@ impl InterpVcpu {
         // A write through an entry whose dirty bit is clear walks again to set it.
         let needs_dirty = acc == Acc::Write && !e.dirty;
         if e.tag == vpn.wrapping_add(1) && !needs_dirty {
-            // SMEP / SMAP / protection keys depend on CR4 and also on
-            // EFLAGS.AC, PKRU and IA32_PKRS, which change without a flush:
-            // they are checked at every access, off the common path (for
-            // a supervisor-mode page only PKS is in play).
-            let extra = if e.user { CR4_RIGHTS } else { CR4_PKS };
-            if self.sregs.cr4 & extra == 0 {
-                if self.permitted(e.writable, e.user, e.nx, acc, user) {
-                    return Ok(e.page | (la & 0xfff));
-                }
-                return Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)));
-            }
-            self.check_rights(la, &e, acc, user)?;
+            self.check_access(la, &e, acc, user)?;
             return Ok(e.page | (la & 0xfff));
         }
         if long {
@@ -315,13 +304,7 @@ impl InterpVcpu {
                 nx,
                 ..TlbEntry::default()
             };
-            if self.sregs.cr4 & CR4_RIGHTS == 0 {
-                if !self.permitted(writable, us, nx, acc, user) {
-                    return Err(self.page_fault(la, PF_P | bits));
-                }
-            } else {
-                self.check_rights(la, &rights, acc, user)?;
-            }
+            self.check_access(la, &rights, acc, user)?;
             let mut set = 0x20;
             if acc == Acc::Write {
                 set |= 0x40;
@@ -368,6 +351,24 @@ impl InterpVcpu {
             Acc::Write => writable || (!user && self.sregs.cr0 & cr0::WP == 0),
             Acc::Exec => !nx,
             Acc::Read => true,
+        }
+    }
+
+    /// The access-rights check of a translation with `rights` (a TLB hit or
+    /// the end of a walk). SMEP, SMAP and protection keys depend on CR4 and
+    /// also on EFLAGS.AC, PKRU and IA32_PKRS, which change without a flush:
+    /// they are checked at every access, off the common path (for a
+    /// supervisor-mode page only PKS is in play).
+    #[inline(always)]
+    fn check_access(&mut self, la: u64, rights: &TlbEntry, acc: Acc, user: bool) -> R<()> {
+        let extra = if rights.user { CR4_RIGHTS } else { CR4_PKS };
+        if self.sregs.cr4 & extra != 0 {
+            return self.check_rights(la, rights, acc, user);
+        }
+        if self.permitted(rights.writable, rights.user, rights.nx, acc, user) {
+            Ok(())
+        } else {
+            Err(self.page_fault(la, PF_P | self.pf_bits(acc, user)))
         }
     }
 
@@ -487,13 +488,7 @@ impl InterpVcpu {
                 pkey: ((entry >> 59) & 0xf) as u8,
                 ..TlbEntry::default()
             };
-            if self.sregs.cr4 & CR4_RIGHTS == 0 {
-                if !self.permitted(writable, us, nx, acc, user) {
-                    return Err(self.page_fault(la, PF_P | bits));
-                }
-            } else {
-                self.check_rights(la, &rights, acc, user)?;
-            }
+            self.check_access(la, &rights, acc, user)?;
             let mut set = 0x20;
             if acc == Acc::Write {
                 set |= 0x40;
@@ -532,20 +527,17 @@ impl InterpVcpu {
         Ok(())
     }
 
-    /// Writes `data` (at most 8 bytes) at guest-physical `pa`.
+    /// Writes `data` (at most 8 bytes, within one page) at guest-physical
+    /// `pa`.
     pub(crate) fn phys_write(&mut self, pa: u64, data: &[u8]) -> R<()> {
         if self.mem.is_ram(pa, data.len() as u64) {
             if self.cache.is_code_page(pa) {
                 self.cache.invalidate_page(pa);
             }
             let _ = self.mem.write(pa, data);
-            // Other processors' cached copies go at their next entry.
-            let watch = self.mem.code_watch();
-            watch.note_write(pa, self.code_writer);
-            let last = pa.wrapping_add(data.len().saturating_sub(1) as u64);
-            if last >> 12 != pa >> 12 {
-                watch.note_write(last, self.code_writer);
-            }
+            // Other processors' cached copies go at their next entry
+            // (`lin_write` splits at page boundaries: one page here).
+            self.mem.code_watch().note_write(pa, self.code_writer);
             return Ok(());
         }
         let n = data.len().min(8);

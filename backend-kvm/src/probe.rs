@@ -11,7 +11,7 @@
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit};
-use tandem_core::cpuid::{CpuidEntry, CpuidTable};
+use tandem_core::cpuid::{self, CpuidEntry, CpuidTable};
 use tandem_core::memory::GuestMemory;
 
 use crate::{ioctl_err, KvmError};
@@ -52,11 +52,7 @@ fn flat(selector: u16, type_: u8, long: bool) -> kvm_segment {
 fn leaves(max_basic: u32, max_ext: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     for l in 0..=max_basic.min(0x20) {
-        let subs = if matches!(l, 4 | 7 | 0xb | 0xd | 0x1f) {
-            4
-        } else {
-            1
-        };
+        let subs = if cpuid::indexed(l) { 4 } else { 1 };
         out.extend((0..subs).map(|s| (l, s)));
     }
     out.push((max_basic.min(0x20) + 1, 0));
@@ -163,19 +159,14 @@ fn probe_in(
             beyond = Some(r);
             continue;
         }
-        let like = table
-            .entries
-            .iter()
-            .find(|e| e.function == leaf)
-            .map_or(0, |e| e.flags);
-        let indexed = matches!(leaf, 4 | 7 | 0xb | 0xd | 0x1f);
-        if !indexed && sub > 0 {
-            continue;
-        }
         entries.push(CpuidEntry {
             function: leaf,
             index: sub,
-            flags: like | if indexed { 1 } else { 0 },
+            flags: if cpuid::indexed(leaf) {
+                cpuid::SIGNIFICANT_INDEX
+            } else {
+                0
+            },
             eax: r[0],
             ebx: r[1],
             ecx: r[2],

@@ -148,7 +148,7 @@ pub struct CpuidTable {
 }
 
 /// Leaves the table describes with a significant subleaf.
-fn indexed(function: u32) -> bool {
+pub fn indexed(function: u32) -> bool {
     matches!(
         function,
         4 | 7
