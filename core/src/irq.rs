@@ -18,6 +18,15 @@ pub trait IrqLine: Send + Sync {
     }
 }
 
+/// Where a device's message-signalled interrupts go: a DWORD write of
+/// `data` to `address` (0xFEEx_xxxx for the LAPICs, PCI Local Bus 3.0
+/// §6.8). `source_id` is the requester's PCI bus/device/function
+/// (bus << 8 | device << 3 | function), which an interrupt-remapping unit
+/// may verify; `None` for a requester without one.
+pub trait MsiSink: Send + Sync {
+    fn msi(&self, source_id: Option<u16>, address: u64, data: u32);
+}
+
 /// Something that receives ISA interrupt lines (the PIC pair, the IOAPIC).
 pub trait IsaIrqSink: Send + Sync {
     fn set_isa_irq(&self, irq: u8, level: bool);

@@ -89,6 +89,15 @@ pub trait ApicBus: Send + Sync {
     /// A LAPIC EOI of a level-triggered `vector` (broadcast or directed):
     /// IOAPICs clear remote IRR for entries with that vector.
     fn eoi(&self, vector: u8);
+    /// An IOAPIC's interrupt request, both as the message its redirection
+    /// entry describes and as the upstream write (`address`, `data`) the
+    /// IOAPIC sends, which an interrupt-remapping unit translates (VT-d
+    /// 5.1.5.1: the entry's bits 63:48 become address bits 19:4). Without
+    /// one, the message is delivered as it is.
+    fn deliver_from_ioapic(&self, msg: &ApicMessage, address: u64, data: u32) {
+        let _ = (address, data);
+        self.deliver(msg)
+    }
 }
 
 /// Decodes an MSI (address 0xFEEx_xxxx, data) as KVM's `kvm_set_msi` and the

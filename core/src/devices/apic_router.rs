@@ -236,6 +236,25 @@ impl ApicRouter {
         })
     }
 
+    /// Delivers a message whose destination is in x2APIC format (32-bit
+    /// IDs, x2APIC logical clusters): an interrupt remapped in the VT-d
+    /// unit's x2APIC mode.
+    pub fn deliver_x2apic_format(&self, msg: &ApicMessage) {
+        self.route(msg, None, true);
+    }
+
+    /// Traces an MSI that reaches the LAPICs by another path (after
+    /// interrupt remapping).
+    pub fn trace_msi(&self, address: u64, data: u32, vector: u8) {
+        if let Some(t) = self.tracer.get() {
+            t.emit(TraceEvent::Msi {
+                address,
+                data,
+                vector,
+            });
+        }
+    }
+
     /// An MSI write of `data` to `address` (SDM 11.11); addresses outside
     /// 0xFEExxxxx are ignored.
     pub fn msi(&self, address: u64, data: u32) {

@@ -149,6 +149,18 @@ impl Rte {
             DeliveryMode::Reserved | DeliveryMode::StartUp
         )
     }
+    /// The upstream write the entry becomes (VT-d 5.1.5.1, QEMU's
+    /// `ioapic_entry_parse`): bits 63:48 as address bits 19:4 (the
+    /// destination, or the remappable format bit and interrupt index),
+    /// bit 11 as address bit 2 (destination mode, or index bit 15); the
+    /// vector, delivery mode and trigger mode as the data.
+    fn upstream_write(self) -> (u64, u32) {
+        let address = 0xFEE0_0000 | ((self.0 >> 48) << 4) | ((self.0 >> 11) & 1) << 2;
+        let level = u32::from(self.is_level());
+        let data =
+            u32::from(self.vector()) | self.delivery_mode().bits() << 8 | 1 << 14 | level << 15;
+        (address, data)
+    }
     fn message(self) -> ApicMessage {
         ApicMessage {
             // ExtINT: the LAPIC fetches the vector from the 8259A in the
@@ -419,7 +431,8 @@ impl IoApic {
                     set: true,
                 });
             }
-            self.bus.deliver(&msg);
+            let (address, data) = rte.upstream_write();
+            self.bus.deliver_from_ioapic(&msg, address, data);
         }
     }
 
@@ -685,6 +698,42 @@ mod tests {
         fn take(&self) -> Vec<ApicMessage> {
             std::mem::take(&mut *self.messages.lock().unwrap())
         }
+    }
+
+    /// Records the upstream writes an interrupt-remapping unit would see.
+    #[derive(Default)]
+    struct UpstreamBus(Mutex<Vec<(u64, u32)>>);
+
+    impl ApicBus for UpstreamBus {
+        fn deliver(&self, _: &ApicMessage) {}
+        fn eoi(&self, _: u8) {}
+        fn deliver_from_ioapic(&self, _: &ApicMessage, address: u64, data: u32) {
+            self.0.lock().unwrap().push((address, data));
+        }
+    }
+
+    #[test]
+    fn upstream_write_carries_the_remappable_format() {
+        let bus = Arc::new(UpstreamBus::default());
+        let mut io = IoApic::new(bus.clone());
+        // Pin 5: compatibility format, dest 3 logical, vector 0x41, level.
+        io.write_register(0x10 + 11, 0x0300_0000);
+        io.write_register(0x10 + 10, 0x0000_8841);
+        io.set_irq(5, true);
+        // Pin 6: remappable format (bit 48), index 0x4321 (bits 63:49 =
+        // index[14:0], bit 11 = index[15]), edge, vector 0xED.
+        let index: u64 = 0x8001;
+        let rte = (index & 0x7FFF) << 49 | 1 << 48 | (index >> 15) << 11 | 0xED;
+        io.write_register(0x10 + 13, (rte >> 32) as u32);
+        io.write_register(0x10 + 12, rte as u32);
+        io.set_irq(6, true);
+        let got = bus.0.lock().unwrap().clone();
+        assert_eq!(got[0], (0xFEE0_3004, 0xC041));
+        let (address, data) = got[1];
+        assert_eq!(address & (1 << 4), 1 << 4, "interrupt format");
+        assert_eq!((address >> 5) & 0x7FFF, 1, "handle[14:0]");
+        assert_eq!((address >> 2) & 1, 1, "handle[15]");
+        assert_eq!(data & 0xFF, 0xED);
     }
 
     fn new_ioapic() -> (IoApic, Arc<RecordingBus>) {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 use crate::control::MachineControl;
 use crate::devices::acpi_pm::{ResetControl, ResetControlState};
+use crate::devices::pci_device::{PirqRouter, SharedPciFunction, PIRQS};
 
 /// First port of the device (CONFIG_ADDRESS).
 pub const PCI_CONFIG_PORT: u64 = 0xCF8;
@@ -81,6 +82,8 @@ const QEMU_SUBSYSTEM_ID: u16 = 0x1100;
 /// i440FX register QEMU fills with the RAM size in 8 MiB units (for old
 /// coreboot).
 const I440FX_COREBOOT_RAM_SIZE: usize = 0x57;
+/// PIIX3 PIRQRC[A..D]: PCI interrupt routing (82371SB §2.2.11).
+const PIIX3_PIRQRC: usize = 0x60;
 /// i440FX SMRAM control register.
 const I440FX_SMRAM: usize = 0x72;
 
@@ -190,6 +193,10 @@ pub struct PciHost {
     config_address: u32,
     functions: Vec<PciFunctionState>,
     reset_control: ResetControl,
+    /// Endpoints (`-device` functions): (device number, function 0).
+    endpoints: Vec<(u8, SharedPciFunction)>,
+    /// Where the PIIX3's PIRQRC registers take effect.
+    pirq: Option<Arc<PirqRouter>>,
 }
 
 impl std::fmt::Debug for PciHost {
@@ -209,7 +216,52 @@ impl PciHost {
             config_address: 0,
             functions: vec![i440fx(ram_size), piix3()],
             reset_control: ResetControl::new(control),
+            endpoints: Vec::new(),
+            pirq: None,
         }
+    }
+
+    /// Routes PCI INTx through `pirq` as the PIIX3's PIRQRC registers say.
+    pub fn set_pirq_router(&mut self, pirq: Arc<PirqRouter>) {
+        self.pirq = Some(pirq);
+        self.apply_pirq_routes();
+    }
+
+    /// Hands the PIIX3's PIRQRC registers to the PIRQ router.
+    fn apply_pirq_routes(&self) {
+        let (Some(pirq), Some(piix3)) = (&self.pirq, self.functions.iter().find(|f| f.device == 1))
+        else {
+            return;
+        };
+        for n in 0..PIRQS {
+            pirq.set_route(n, piix3.config[PIIX3_PIRQRC + n]);
+        }
+    }
+
+    /// Puts `function` at device number `device` (function 0) of bus 0.
+    pub fn add_endpoint(&mut self, device: u8, function: SharedPciFunction) {
+        self.endpoints.push((device, function));
+    }
+
+    /// Writes a PIIX3 register, as firmware does (SeaBIOS's PIRQ routing).
+    pub fn write_piix3(&mut self, reg: u8, value: u8) {
+        let saved = self.config_address;
+        self.config_address = CONFIG_ENABLE | (1 << 11) | u32::from(reg & 0xFC);
+        self.config_data_write(u64::from(reg & 3), &[value]);
+        self.config_address = saved;
+    }
+
+    /// The endpoint CONFIG_ADDRESS selects, if any.
+    fn selected_endpoint(&self) -> Option<SharedPciFunction> {
+        let a = self.config_address;
+        if a & CONFIG_ENABLE == 0 || (a >> 16) & 0xFF != 0 || (a >> 8) & 0x7 != 0 {
+            return None;
+        }
+        let device = ((a >> 11) & 0x1F) as u8;
+        self.endpoints
+            .iter()
+            .find(|(d, _)| *d == device)
+            .map(|(_, f)| f.clone())
     }
 
     /// CONFIG_ADDRESS as last written.
@@ -229,6 +281,7 @@ impl PciHost {
         self.config_address = state.config_address;
         self.functions = state.functions;
         self.reset_control.restore_state(state.reset_control);
+        self.apply_pirq_routes();
     }
 
     /// The function CONFIG_ADDRESS selects, if it exists.
@@ -253,6 +306,12 @@ impl PciHost {
 
     fn config_data_read(&mut self, port: u64, data: &mut [u8]) {
         let reg = self.data_register(port);
+        if let Some(f) = self.selected_endpoint() {
+            f.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_read(reg, data);
+            return;
+        }
         match self.selected() {
             Some(f) => {
                 for (i, d) in data.iter_mut().enumerate() {
@@ -265,6 +324,13 @@ impl PciHost {
 
     fn config_data_write(&mut self, port: u64, data: &[u8]) {
         let reg = self.data_register(port);
+        if let Some(f) = self.selected_endpoint() {
+            f.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config_write(reg, data);
+            return;
+        }
+        let mut pirq_written = false;
         if let Some(f) = self.selected() {
             for (i, &v) in data.iter().enumerate() {
                 let r = reg + i;
@@ -272,7 +338,13 @@ impl PciHost {
                     let m = wmask(r);
                     *c = (*c & !m) | (v & m);
                 }
+                if f.device == 1 && (PIIX3_PIRQRC..PIIX3_PIRQRC + PIRQS).contains(&r) {
+                    pirq_written = true;
+                }
             }
+        }
+        if pirq_written {
+            self.apply_pirq_routes();
         }
     }
 }
@@ -336,6 +408,18 @@ impl BusDevice for PciHost {
                 f.u16_at(COMMAND),
                 f.u16_at(STATUS)
             );
+        }
+        for (device, f) in &self.endpoints {
+            let g = f.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(
+                out,
+                "  00:{device:02x}.0 {}: {}",
+                g.name(),
+                g.config_space().summary()
+            );
+        }
+        if let Some(p) = &self.pirq {
+            let _ = writeln!(out, "  PIRQRC[A-D] {:02x?}", p.routes());
         }
         out.push_str("  ");
         out.push_str(&self.reset_control.dump());
