@@ -29,6 +29,7 @@ fn tandem_loop(count: u64) -> Duration {
         irqchip: IrqchipKind::User,
         lost_ticks: Default::default(),
         serial_out: Box::new(std::io::sink()),
+        devices: Vec::new(),
     })
     .expect("machine");
     pc.machine

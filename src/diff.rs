@@ -233,6 +233,7 @@ fn build(
         irqchip,
         lost_ticks: LostTickPolicy::Discard,
         serial_out: Box::new(serial.clone()),
+        devices: Vec::new(),
     })
     .context("cannot build the machine")?;
     if let Some(v) = &pc.virtual_clock {
@@ -1731,6 +1732,7 @@ mod tests {
             irqchip: IrqchipKind::User,
             lost_ticks: LostTickPolicy::Discard,
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .unwrap()
     }

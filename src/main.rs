@@ -124,6 +124,60 @@ pub struct RunArgs {
     /// Wait for gdb on this address (HOST:PORT) before the guest starts.
     #[arg(long, value_name = "ADDR")]
     pub gdb: Option<String>,
+    /// Add a device, as QEMU's -device (repeatable): `edu` (QEMU's
+    /// educational PCI device) or `intel-iommu[,intremap=on|off]
+    /// [,eim=on|off][,aw-bits=39|48]` (a VT-d unit at 0xFED90000 with a
+    /// DMAR table; needs --irqchip user).
+    #[arg(long = "device", value_name = "SPEC", value_parser = parse_device)]
+    pub devices: Vec<tandem_core::pc::PcDevice>,
+}
+
+/// Parses a `--device` specification.
+pub fn parse_device(spec: &str) -> Result<tandem_core::pc::PcDevice, String> {
+    use tandem_core::devices::vtd::VtdConfig;
+    use tandem_core::pc::PcDevice;
+    let mut parts = spec.split(',');
+    let name = parts.next().unwrap_or_default();
+    let on_off = |key: &str, v: &str| match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{name}: {key} must be on or off, not `{v}`")),
+    };
+    match name {
+        "edu" => match parts.next() {
+            None => Ok(PcDevice::Edu),
+            Some(p) => Err(format!("edu takes no options (got `{p}`)")),
+        },
+        "intel-iommu" => {
+            let mut c = VtdConfig::default();
+            for p in parts {
+                let (k, v) = p.split_once('=').unwrap_or((p, "on"));
+                match k {
+                    "intremap" => c.intremap = on_off(k, v)?,
+                    "eim" => c.eim = on_off(k, v)?,
+                    "aw-bits" => {
+                        c.aw_bits = match v {
+                            "39" => 39,
+                            "48" => 48,
+                            _ => {
+                                return Err(format!("intel-iommu: aw-bits is 39 or 48, not `{v}`"))
+                            }
+                        }
+                    }
+                    _ => {
+                        return Err(format!(
+                            "intel-iommu: unknown option `{k}` (intremap, eim, aw-bits)"
+                        ))
+                    }
+                }
+            }
+            if c.eim && !c.intremap {
+                return Err("intel-iommu: eim=on needs intremap=on".into());
+            }
+            Ok(PcDevice::IntelIommu(c))
+        }
+        _ => Err(format!("unknown device `{name}` (edu, intel-iommu)")),
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,7 +9,7 @@ use tandem_core::pc::{ClockKind, IrqchipKind, Pc, PcConfig};
 use tandem_core::trace::{TraceFormat, WriterSink};
 use tandem_core::vcpu::Vcpu;
 use tandem_core::StopRequest;
-use tandem_firmware::acpi::{write_acpi, AcpiConfig};
+use tandem_firmware::acpi::{write_acpi, AcpiConfig, DmarConfig};
 use tandem_firmware::linux::{linux_entry_state, load_bzimage};
 use tandem_firmware::mptable::{write_mptable, MPTABLE_ADDR};
 use tandem_firmware::multiboot::{load_multiboot, multiboot_entry_state, Module};
@@ -126,6 +126,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             crate::LostTicks::Catchup => tandem_core::pc::LostTickPolicy::Catchup,
         },
         serial_out: Box::new(std::io::stdout()),
+        devices: args.devices.clone(),
     })
     .context("cannot build the machine")?;
     if let Some(v) = &pc.virtual_clock {
@@ -135,7 +136,19 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // The tables a guest finds at the top of the first MiB (reserved in
     // the e820 map, so no loader places anything there).
     let mem = &pc.machine.mem;
-    write_acpi(mem, &AcpiConfig::new(args.smp)).context("cannot write the ACPI tables")?;
+    let acpi = AcpiConfig {
+        dmar: pc.iommu.as_ref().map(|v| {
+            let c = v.lock().unwrap_or_else(|p| p.into_inner()).config();
+            DmarConfig {
+                register_base: tandem_core::devices::vtd::VTD_MMIO_BASE,
+                address_width: c.aw_bits,
+                interrupt_remapping: c.intremap,
+                x2apic_opt_out: !c.eim,
+            }
+        }),
+        ..AcpiConfig::new(args.smp)
+    };
+    write_acpi(mem, &acpi).context("cannot write the ACPI tables")?;
     write_mptable(mem, args.smp, MPTABLE_ADDR).context("cannot write the MP table")?;
 
     let state = match boot_kind {

@@ -431,3 +431,34 @@ fn s3_suspend_and_resume_through_the_rtc_alarm() {
         assert!(r.stderr.contains("the guest reset the machine"), "{r:?}");
     }
 }
+
+/// A PCI bus master behind a VT-d unit (`--device edu --device
+/// intel-iommu,intremap=on`): BAR and interrupt routing as SeaBIOS leaves
+/// them, DMA with and without translation, fault recording and the fault
+/// event, interrupt remapping of IOAPIC entries and MSIs (source-ID
+/// verification, compatibility format and CFI), queued invalidation. Both
+/// processors, one and two vCPUs; KVM's in-kernel irqchip is refused, as
+/// the remapping unit translates the user-space IOAPIC's messages.
+#[test]
+fn iommu_dma_and_interrupt_remapping() {
+    let devices = ["--device", "edu", "--device", "intel-iommu,intremap=on"];
+    for backend in backends("iommu") {
+        for smp in ["1", "2"] {
+            let mut extra = devices.to_vec();
+            extra.extend_from_slice(&["--smp", smp]);
+            let r = run("iommu", &extra, backend, Chip::User);
+            r.assert_all_passed();
+            assert_eq!(
+                summary(&r),
+                (13, 0),
+                "iommu on {backend} --smp {smp}: {}",
+                r.stdout
+            );
+        }
+    }
+    if kvm_or_skip("iommu with --irqchip kernel") {
+        let r = run("iommu", &devices, "kvm", Chip::Kernel);
+        assert_eq!(r.status, 1, "{r:?}");
+        assert!(r.stderr.contains("needs --irqchip user"), "{r:?}");
+    }
+}

@@ -263,6 +263,7 @@ mod tests {
                 irqchip: IrqchipKind::User,
                 lost_ticks: Default::default(),
                 serial_out: Box::new(std::io::sink()),
+                devices: Vec::new(),
             })
             .unwrap()
         }

@@ -16,6 +16,7 @@ pub mod machine;
 pub mod memory;
 pub mod paging;
 pub mod pc;
+pub mod pc_devices;
 pub mod testing;
 pub mod timer;
 pub mod trace;

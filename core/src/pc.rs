@@ -21,6 +21,7 @@ use crate::cpu::Msr;
 use crate::devices::acpi_pm::{
     AcpiPm, IrqTee, RtcInput, ACPI_PM_BASE, ACPI_PM_PORTS, DEFAULT_S5_SLP_TYP, SCI_IRQ,
 };
+use crate::devices::apic_bus::ApicBus;
 use crate::devices::apic_router::ApicRouter;
 use crate::devices::cmos::{Cmos, CMOS_BASE, CMOS_PORTS, RTC_IRQ};
 use crate::devices::debug_exit::{DebugExit, Port80, DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, POST_PORT};
@@ -28,6 +29,7 @@ use crate::devices::fw_cfg::{FwCfg, FW_CFG_PORT, FW_CFG_PORTS};
 use crate::devices::i8042::{i8042_ports, I8042, KEYBOARD_IRQ};
 use crate::devices::ioapic::{IoApic, IoApicIrqSink, IOAPIC_BASE, IOAPIC_MMIO_SIZE};
 use crate::devices::pci::{PciHost, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
+use crate::devices::pci_device::PciMmio;
 use crate::devices::pic::{Pic, PicIrqSink};
 pub use crate::devices::pit::LostTickPolicy;
 use crate::devices::pit::{Pit, PitTimer};
@@ -36,10 +38,13 @@ use crate::devices::testdev::{
     SetIrqLine, TestdevIomem, TestdevIoport, TestdevIrq, TESTDEV_IOMEM_BASE, TESTDEV_IOMEM_SIZE,
     TESTDEV_IOPORT, TESTDEV_IOPORT_PORTS, TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT,
 };
+use crate::devices::vtd::{Vtd, VTD_MMIO_BASE, VTD_MMIO_SIZE};
 use crate::irq::IsaIrqRouter;
 use crate::ladder::{InterruptSource, NoInterrupts};
 use crate::machine::{LocalMmio, Machine, MsrHandler};
 use crate::memory::{GuestMemory, MemoryError};
+pub use crate::pc_devices::PcDevice;
+use crate::pc_devices::{attach_pci_functions, InterruptPath, LateRouter, PcDma};
 use crate::timer::TimerSet;
 use crate::trace::{Source, TraceEvent, TraceSink, TracedLine, Tracer};
 use crate::vcpu::{Doorbell, Vcpu, VcpuResult};
@@ -78,6 +83,8 @@ pub struct PcConfig {
     pub lost_ticks: LostTickPolicy,
     /// Where COM1's output goes.
     pub serial_out: Box<dyn Write + Send>,
+    /// Devices beyond the fixed set (QEMU's `-device`).
+    pub devices: Vec<PcDevice>,
 }
 
 #[derive(Debug, Error)]
@@ -95,6 +102,15 @@ pub enum PcError {
     TraceNeedsUserIrqchip,
     #[error("trace output: {0}")]
     Trace(#[from] std::io::Error),
+    #[error(
+        "intel-iommu remaps the interrupts of Tandem's IOAPIC: it needs --irqchip user, not KVM's \
+         in-kernel irqchip"
+    )]
+    IommuNeedsUserIrqchip,
+    #[error("a machine has one intel-iommu")]
+    TwoIommus,
+    #[error("PCI bus 0 has room for {0} -device functions")]
+    TooManyPciDevices(usize),
 }
 
 /// The ladder's view of the `pc` interrupt system: the APIC router, plus
@@ -185,6 +201,8 @@ pub struct Pc {
     pub irqchip: Option<UserIrqchip>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub fw_cfg: Arc<Mutex<FwCfg>>,
+    /// The VT-d remapping unit, with `PcDevice::IntelIommu`.
+    pub iommu: Option<Arc<Mutex<Vtd>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_threads: Arc<AtomicBool>,
 }
@@ -306,9 +324,40 @@ impl Pc {
         let mut pio = Bus::new(BusKind::Pio);
         let mut mmio = Bus::new(BusKind::Mmio);
 
+        // The VT-d unit first: the IOAPIC sends through it.
+        let mut iommus = cfg.devices.iter().filter_map(|d| match d {
+            PcDevice::IntelIommu(c) => Some(*c),
+            PcDevice::Edu => None,
+        });
+        let iommu_cfg = iommus.next();
+        if iommus.next().is_some() {
+            return Err(PcError::TwoIommus);
+        }
+        if iommu_cfg.is_some() && cfg.irqchip == IrqchipKind::Kernel {
+            return Err(PcError::IommuNeedsUserIrqchip);
+        }
+        let late_router = Arc::new(LateRouter::default());
+        let iommu =
+            iommu_cfg.map(|c| Arc::new(Mutex::new(Vtd::new(c, mem.clone(), late_router.clone()))));
+        if let Some(v) = &iommu {
+            mmio.insert(v.clone(), VTD_MMIO_BASE, VTD_MMIO_SIZE)?;
+        }
+        let interrupt_path = Arc::new(InterruptPath {
+            router: late_router.clone(),
+            vtd: iommu.clone(),
+        });
+
         let irqchip = match cfg.irqchip {
             IrqchipKind::User => Some(Self::user_irqchip(
-                &cfg, &clock, &isa, &timers, &bells, &tracer, &mut pio, &mut mmio,
+                &cfg,
+                &clock,
+                &isa,
+                &timers,
+                &bells,
+                &tracer,
+                &mut pio,
+                &mut mmio,
+                &interrupt_path,
             )?),
             IrqchipKind::Kernel => None,
         };
@@ -368,8 +417,45 @@ impl Pc {
             ACPI_PM_PORTS,
         )?;
         timers.add(acpi_pm.clone());
+        let mut pci_host = PciHost::new(control.clone(), cfg.mem_size);
+        let pci_devices = cfg
+            .devices
+            .iter()
+            .filter(|d| !matches!(d, PcDevice::IntelIommu(_)))
+            .count();
+        if pci_devices > crate::pc_devices::MAX_PCI_DEVICES {
+            return Err(PcError::TooManyPciDevices(
+                crate::pc_devices::MAX_PCI_DEVICES,
+            ));
+        }
+        if pci_devices > 0 {
+            let dma = Arc::new(PcDma {
+                mem: mem.clone(),
+                vtd: iommu.clone(),
+            });
+            let functions =
+                attach_pci_functions(&cfg.devices, &mut pci_host, &isa, &interrupt_path, &dma);
+            mmio.insert(
+                Arc::new(Mutex::new(PciMmio::new(functions))),
+                crate::devices::pci_device::PCI_MMIO_BASE,
+                crate::devices::pci_device::PCI_MMIO_END
+                    - crate::devices::pci_device::PCI_MMIO_BASE,
+            )?;
+            // SeaBIOS makes the PCI IRQs level-triggered in the ELCR.
+            if let Some(chip) = &irqchip {
+                let mut elcr = 0u16;
+                for irq in crate::pc_devices::SEABIOS_PIRQ_IRQS {
+                    elcr |= 1 << irq;
+                }
+                let mut pic = chip.pic.lock().unwrap_or_else(|p| p.into_inner());
+                for (offset, v) in elcr.to_le_bytes().into_iter().enumerate() {
+                    let old = pic.read_port(crate::devices::pic::PicChip::Elcr, offset as u8);
+                    pic.write_port(crate::devices::pic::PicChip::Elcr, offset as u8, old | v);
+                }
+            }
+        }
         pio.insert(
-            Arc::new(Mutex::new(PciHost::new(control.clone(), cfg.mem_size))),
+            Arc::new(Mutex::new(pci_host)),
             PCI_CONFIG_PORT,
             PCI_CONFIG_PORTS,
         )?;
@@ -474,6 +560,7 @@ impl Pc {
             irqchip,
             cmos,
             fw_cfg,
+            iommu,
             threads: Mutex::new(Vec::new()),
             stop_threads: Arc::new(AtomicBool::new(false)),
         };
@@ -508,6 +595,7 @@ impl Pc {
         tracer: &Tracer,
         pio: &mut Bus,
         mmio: &mut Bus,
+        interrupt_path: &Arc<InterruptPath>,
     ) -> Result<UserIrqchip, PcError> {
         // Local APICs and the APIC bus.
         let router = Arc::new(ApicRouter::with_vcpus(
@@ -516,6 +604,7 @@ impl Pc {
             DEFAULT_TSC_KHZ,
             bells.to_vec(),
         ));
+        interrupt_path.router.set(router.clone());
         for t in router.timers() {
             timers.add(t);
         }
@@ -559,8 +648,10 @@ impl Pc {
             }));
         }
 
-        // IOAPIC: messages to the LAPICs, EOIs back.
-        let ioapic = Arc::new(Mutex::new(IoApic::new(router.clone())));
+        // IOAPIC: messages to the LAPICs (through interrupt remapping when
+        // there is a VT-d unit), EOIs back.
+        let ioapic_bus: Arc<dyn ApicBus> = interrupt_path.clone();
+        let ioapic = Arc::new(Mutex::new(IoApic::new(ioapic_bus)));
         ioapic
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -851,6 +942,7 @@ mod tests {
             irqchip: IrqchipKind::User,
             lost_ticks: LostTickPolicy::Discard,
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .unwrap();
         let buf = pc.tracer().start_memory();
@@ -1225,6 +1317,7 @@ mod tests {
             irqchip: IrqchipKind::Kernel,
             lost_ticks: LostTickPolicy::Discard,
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .unwrap();
         assert!(!pc.tracer().enabled());
@@ -1245,6 +1338,7 @@ mod tests {
                 irqchip,
                 lost_ticks: LostTickPolicy::Discard,
                 serial_out: Box::new(std::io::sink()),
+                devices: Vec::new(),
             })
             .unwrap();
             // QEMU's pc-testdev "testdev-iomem": 64 KiB at 0xFF000000, not RAM.
@@ -1279,6 +1373,7 @@ mod tests {
             irqchip: IrqchipKind::User,
             lost_ticks: LostTickPolicy::Discard,
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .unwrap();
         let m = &pc.machine;

@@ -156,7 +156,27 @@ pub struct AcpiConfig {
     pub tables_max_len: u64,
     /// Guest-physical address of the RSDP (16-byte aligned, in the scanned range).
     pub rsdp_addr: u64,
+    /// A DMAR table for a VT-d remapping unit, when the machine has one.
+    pub dmar: Option<DmarConfig>,
 }
+
+/// What the DMAR table (VT-d specification 8.1) says of the remapping unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmarConfig {
+    /// The unit's register page.
+    pub register_base: u64,
+    /// DMA address width the unit supports, in bits (39 or 48).
+    pub address_width: u8,
+    /// The unit remaps interrupts (DMAR flag INTR_REMAP).
+    pub interrupt_remapping: bool,
+    /// x2APIC mode is not allowed (no extended interrupt mode):
+    /// X2APIC_OPT_OUT, as QEMU sets it with `eim=off`.
+    pub x2apic_opt_out: bool,
+}
+
+/// The PCI source ID of the IOAPIC in the DMAR device scope: QEMU's
+/// pseudo device 0xFF:00.0 on q35, so guests see the same.
+pub const DMAR_IOAPIC_BUS: u8 = 0xFF;
 
 impl AcpiConfig {
     /// The default layout for `vcpus` vCPUs.
@@ -166,6 +186,7 @@ impl AcpiConfig {
             tables_addr: ACPI_TABLES_ADDR,
             tables_max_len: ACPI_TABLES_MAX_LEN,
             rsdp_addr: RSDP_ADDR,
+            dmar: None,
         }
     }
 }
@@ -397,6 +418,44 @@ fn build_fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     finish_table(t)
 }
 
+/// The DMAR table: one DRHD covering every PCI device of segment 0
+/// (INCLUDE_PCI_ALL) with the IOAPIC in its device scope, which Linux
+/// needs before it enables interrupt remapping.
+fn build_dmar(d: &DmarConfig) -> Vec<u8> {
+    let mut t = table_header(b"DMAR", 1);
+    t.push(d.address_width.saturating_sub(1)); // Host Address Width: N - 1
+    let mut flags = 0u8;
+    if d.interrupt_remapping {
+        flags |= 1; // INTR_REMAP
+        if d.x2apic_opt_out {
+            flags |= 2; // X2APIC_OPT_OUT
+        }
+    }
+    t.push(flags);
+    t.extend_from_slice(&[0; 10]);
+    // DRHD: type 0, length, flags (INCLUDE_PCI_ALL), size (2^0 pages),
+    // segment 0, register base, then the IOAPIC device scope.
+    let scope: [u8; 8] = [
+        3, // IOAPIC
+        8, // length
+        0,
+        0,
+        IOAPIC_ID,       // enumeration ID: the IOAPIC's ID
+        DMAR_IOAPIC_BUS, // start bus
+        0,               // path: device 0
+        0,               // function 0
+    ];
+    let drhd_len = 16 + scope.len() as u16;
+    t.extend_from_slice(&0u16.to_le_bytes());
+    t.extend_from_slice(&drhd_len.to_le_bytes());
+    t.push(1); // INCLUDE_PCI_ALL
+    t.push(0);
+    t.extend_from_slice(&0u16.to_le_bytes());
+    t.extend_from_slice(&d.register_base.to_le_bytes());
+    t.extend_from_slice(&scope);
+    finish_table(t)
+}
+
 fn build_rsdt(entries: &[u64]) -> Vec<u8> {
     let mut t = table_header(b"RSDT", 1);
     for &e in entries {
@@ -445,10 +504,14 @@ pub fn build_acpi(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> 
     let dsdt_off = align_up(facs_off + facs.len() as u64, 16);
     let fadt_off = align_up(dsdt_off + dsdt.len() as u64, 16);
     let madt_off = align_up(fadt_off + FADT_LEN as u64, 16);
-    let rsdt_off = align_up(madt_off + madt.len() as u64, 16);
-    let rsdt_len = (SDT_HEADER_LEN + 4 * 2) as u64;
+    let dmar = cfg.dmar.as_ref().map(build_dmar);
+    let dmar_off = align_up(madt_off + madt.len() as u64, 16);
+    let dmar_len = dmar.as_ref().map_or(0, |d| d.len() as u64);
+    let tables = 2 + u64::from(dmar.is_some());
+    let rsdt_off = align_up(dmar_off + dmar_len, 16);
+    let rsdt_len = SDT_HEADER_LEN as u64 + 4 * tables;
     let xsdt_off = align_up(rsdt_off + rsdt_len, 16);
-    let xsdt_len = (SDT_HEADER_LEN + 8 * 2) as u64;
+    let xsdt_len = SDT_HEADER_LEN as u64 + 8 * tables;
     let total = xsdt_off + xsdt_len;
     if total > cfg.tables_max_len {
         return Err(AcpiError::TooBig {
@@ -460,7 +523,10 @@ pub fn build_acpi(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> 
         return Err(AcpiError::BadTablesAddr(base));
     }
     let fadt = build_fadt(base + facs_off, base + dsdt_off);
-    let pointed = [base + fadt_off, base + madt_off];
+    let mut pointed = vec![base + fadt_off, base + madt_off];
+    if dmar.is_some() {
+        pointed.push(base + dmar_off);
+    }
     let rsdt = build_rsdt(&pointed);
     let xsdt = build_xsdt(&pointed);
 
@@ -470,6 +536,7 @@ pub fn build_acpi(cfg: &AcpiConfig, base: u64) -> Result<AcpiTables, AcpiError> 
         (dsdt_off, &dsdt),
         (fadt_off, &fadt),
         (madt_off, &madt),
+        (dmar_off, dmar.as_ref().unwrap_or(&Vec::new())),
         (rsdt_off, &rsdt),
         (xsdt_off, &xsdt),
     ] {
@@ -1375,6 +1442,45 @@ mod tests {
         mem.read(0x1_0000, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(find_rsdp(&mem), None);
+    }
+
+    #[test]
+    fn dmar_describes_the_remapping_unit() {
+        let cfg = AcpiConfig {
+            dmar: Some(DmarConfig {
+                register_base: 0xFED9_0000,
+                address_width: 39,
+                interrupt_remapping: true,
+                x2apic_opt_out: true,
+            }),
+            ..AcpiConfig::new(2)
+        };
+        let t = build_acpi(&cfg, ACPI_TABLES_ADDR).unwrap();
+        // The XSDT lists FADT, MADT and DMAR.
+        let x = (t.layout.xsdt - t.base) as usize;
+        let xlen = u32::from_le_bytes(t.image[x + 4..x + 8].try_into().unwrap()) as usize;
+        assert_eq!(xlen, SDT_HEADER_LEN + 24);
+        let dmar = u64::from_le_bytes(t.image[x + 52..x + 60].try_into().unwrap());
+        let d = (dmar - t.base) as usize;
+        assert_eq!(&t.image[d..d + 4], b"DMAR");
+        let len = u32::from_le_bytes(t.image[d + 4..d + 8].try_into().unwrap()) as usize;
+        assert_eq!(sum(&t.image[d..d + len]), 0);
+        assert_eq!(t.image[d + 36], 38, "host address width - 1");
+        assert_eq!(t.image[d + 37], 3, "INTR_REMAP | X2APIC_OPT_OUT");
+        // DRHD at 48: type 0, INCLUDE_PCI_ALL, the register base.
+        assert_eq!(&t.image[d + 48..d + 50], &[0, 0]);
+        assert_eq!(t.image[d + 52], 1);
+        assert_eq!(
+            u64::from_le_bytes(t.image[d + 56..d + 64].try_into().unwrap()),
+            0xFED9_0000
+        );
+        // IOAPIC scope: type 3, ID 0, 0xFF:00.0.
+        assert_eq!(&t.image[d + 64..d + 72], &[3, 8, 0, 0, 0, 0xFF, 0, 0]);
+        assert_eq!(len, 72);
+        // Without a unit there is no DMAR and two tables.
+        let plain = build_acpi(&AcpiConfig::new(2), ACPI_TABLES_ADDR).unwrap();
+        assert!(plain.image.len() < t.image.len());
+        assert!(!plain.image.windows(4).any(|w| w == b"DMAR"));
     }
 
     #[test]

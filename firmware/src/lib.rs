@@ -18,7 +18,7 @@ pub use linux::{linux_entry_state, load_bzimage, LinuxBoot, LinuxError};
 pub use pvh::{load_pvh, pvh_entry_state, PvhBoot, PvhError};
 pub mod acpi;
 pub mod mptable;
-pub use acpi::{build_acpi, write_acpi, AcpiConfig, AcpiError, AcpiLayout, AcpiTables};
+pub use acpi::{build_acpi, write_acpi, AcpiConfig, AcpiError, AcpiLayout, AcpiTables, DmarConfig};
 pub use mptable::{build_mptable, write_mptable, MpTableError, MpTableLayout};
 pub mod bios;
 pub use bios::{build_bios_ivt, write_bios_ivt, BiosIvt};

@@ -58,6 +58,7 @@ fn build(guest: &Path, mem_size: u64, append: &str) -> Result<(Pc, VcpuState)> {
         irqchip: IrqchipKind::User,
         lost_ticks: Default::default(),
         serial_out: Box::new(std::io::stdout()),
+        devices: Vec::new(),
     })
     .context("cannot build the machine")?;
     let mem = &pc.machine.mem;
@@ -127,6 +128,9 @@ pub fn run_with_gdb(args: &crate::RunArgs, addr: &str) -> Result<i32> {
     let Some(guest) = &args.guest else {
         bail!("--gdb needs a multiboot GUEST");
     };
+    if !args.devices.is_empty() {
+        bail!("--gdb does not take --device yet");
+    }
     if args.kernel.is_some() || args.smp != 1 || args.irqchip != crate::Irqchip::User {
         bail!("--gdb supports a multiboot guest with one vCPU and --irqchip user");
     }

@@ -2139,6 +2139,7 @@ mod tests {
             irqchip: IrqchipKind::User,
             lost_ticks: LostTickPolicy::Discard,
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .unwrap()
     }

@@ -77,6 +77,7 @@ fn small_pc() -> Result<Pc> {
         irqchip: IrqchipKind::User,
         lost_ticks: LostTickPolicy::Discard,
         serial_out: Box::new(SharedBuf::default()),
+        devices: Vec::new(),
     })
     .context("cannot build the fuzz machine")
 }

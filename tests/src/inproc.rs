@@ -25,6 +25,7 @@ impl KvmGuest {
             irqchip,
             lost_ticks: Default::default(),
             serial_out: Box::new(std::io::sink()),
+            devices: Vec::new(),
         })
         .expect("machine");
         let boot = load_multiboot(&pc.machine.mem, image, cmdline, &[]).expect("load");
