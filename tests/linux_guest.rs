@@ -175,34 +175,52 @@ fn boot_with(
 }
 
 /// Linux's VT-d drivers on Tandem's remapping unit: the DMAR table parsed,
-/// the IOAPIC found under the unit, interrupt remapping enabled (xAPIC
-/// mode: the table opts out of x2APIC), queued invalidation in use, and
-/// every IOAPIC interrupt of the boot (the timer, the UART) delivered
-/// through remapping-table entries.
+/// the IOAPIC found under the unit, queued invalidation in use, interrupt
+/// remapping enabled in xAPIC mode (`eim=off`: the table opts out of
+/// x2APIC) and in x2APIC mode (`eim=on`: Linux switches to cluster x2APIC,
+/// so remapped interrupts carry x2APIC logical destinations), and every
+/// IOAPIC interrupt of the boot (the timer, the UART) delivered through
+/// remapping-table entries.
 #[test]
 fn linux_boots_with_vtd_interrupt_remapping_on_the_interpreter() {
-    let out = boot_with(
-        "vmlinuz-cloud",
-        "interp",
-        2,
-        "nokaslr intel_iommu=on",
-        &["edu", "intel-iommu,intremap=on"],
-        Duration::from_secs(900),
-    );
-    for line in [
-        "DMAR: DRHD base: 0x000000fed90000 flags: 0x1",
-        "DMAR-IR: IOAPIC id 0 under DRHD base  0xfed90000 IOMMU 0",
-        "DMAR-IR: Enabled IRQ remapping in xapic mode",
-        "DMAR: dmar0: Using Queued invalidation",
+    for (iommu, mode) in [
+        ("intel-iommu,intremap=on", "xapic"),
+        ("intel-iommu,intremap=on,eim=on", "x2apic"),
     ] {
-        assert!(out.contains(line), "no `{line}`:\n{out}");
-    }
-    for irq in ["timer", "ttyS0"] {
-        assert!(
-            out.lines()
-                .any(|l| l.contains("IR-IO-APIC") && l.contains(irq)),
-            "{irq} is not remapped:\n{out}"
+        let out = boot_with(
+            "vmlinuz-cloud",
+            "interp",
+            2,
+            "nokaslr intel_iommu=on",
+            &["edu", iommu],
+            Duration::from_secs(900),
         );
+        let enabled = format!("DMAR-IR: Enabled IRQ remapping in {mode} mode");
+        for line in [
+            "DMAR: DRHD base: 0x000000fed90000 flags: 0x1",
+            "DMAR-IR: IOAPIC id 0 under DRHD base  0xfed90000 IOMMU 0",
+            enabled.as_str(),
+        ] {
+            assert!(out.contains(line), "{iommu}: no `{line}`:\n{out}");
+        }
+        if mode == "x2apic" {
+            assert!(
+                out.contains("Switched APIC routing to cluster x2apic"),
+                "{out}"
+            );
+        } else {
+            assert!(
+                out.contains("DMAR: dmar0: Using Queued invalidation"),
+                "{out}"
+            );
+        }
+        for irq in ["timer", "ttyS0"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.contains("IR-IO-APIC") && l.contains(irq)),
+                "{iommu}: {irq} is not remapped:\n{out}"
+            );
+        }
     }
 }
 
