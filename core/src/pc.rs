@@ -578,6 +578,7 @@ impl Pc {
             }),
             cmos: Arc::downgrade(&pc.cmos),
             acpi_pm: Arc::downgrade(&acpi_pm),
+            iommu: pc.iommu.as_ref().map(Arc::downgrade),
         }));
         Ok(pc)
     }
@@ -857,9 +858,10 @@ fn seabios_legacy_state(chip: &UserIrqchip, timers: &TimerSet) {
 /// the LAPICs (power-up state: APs back in wait-for-SIPI), the IOAPIC, the
 /// 8259A pair and PIT (then set up as SeaBIOS does), the RTC's interrupt
 /// enables and flags (its time, alarm and CMOS RAM kept) and PM1_CNT
-/// (PM1_STS with WAK_STS and PM1_EN kept). Not reset: COM1, the i8042,
-/// fw_cfg, the PCI configuration registers and pc-testdev, which hold no
-/// state a resuming OS relies on. The waking vector is read from the FACS
+/// (PM1_STS with WAK_STS and PM1_EN kept), and the VT-d unit. Not reset:
+/// COM1, the i8042, fw_cfg, the PCI configuration registers, the `-device`
+/// PCI functions (their BARs stay where firmware put them) and pc-testdev,
+/// which hold no state a resuming OS relies on. The waking vector is read from the FACS
 /// as SeaBIOS finds it; a vector at or above 1 MiB (SeaBIOS would call it
 /// in 32-bit mode) is not supported and makes the wake a reset.
 struct PcWake {
@@ -874,6 +876,9 @@ struct PcWake {
     )>,
     cmos: Weak<Mutex<Cmos>>,
     acpi_pm: Weak<Mutex<AcpiPm>>,
+    /// The VT-d unit: reset (translation and remapping off), as QEMU's
+    /// wake resets it; the OS sets it up again on resume.
+    iommu: Option<Weak<Mutex<Vtd>>>,
 }
 
 impl crate::control::WakeHandler for PcWake {
@@ -908,6 +913,9 @@ impl crate::control::WakeHandler for PcWake {
         }
         if let Some(pm) = self.acpi_pm.upgrade() {
             pm.lock().unwrap_or_else(|p| p.into_inner()).wake_reset();
+        }
+        if let Some(v) = self.iommu.as_ref().and_then(Weak::upgrade) {
+            v.lock().unwrap_or_else(|p| p.into_inner()).reset();
         }
         timers.rearm();
         let mem = self.mem.upgrade()?;
