@@ -13,12 +13,14 @@
 # and check = ... make a SKIP; so does a command line that the VMM refuses
 # (the suite's "premature failure" probe: tandem-qemu refuses what Tandem
 # cannot honour, e.g. -M q35 or -device hyperv-testdev), with the reason in
-# the log. The timeout = field of unittests.cfg is not used: --timeout is.
+# the log. A test's own timeout (the timeout = field of unittests.cfg, 90 s
+# when it has none, as the suite's runner) applies with --timeout cfg.
 #
 # Options:
 #   --backends "LIST"   columns, from: interp kvm qemu-tcg qemu-kvm
 #                       (default: interp kvm, and qemu-tcg if QEMU is found)
-#   --timeout SECS      per test and column (default 60)
+#   --timeout SECS|cfg  per test and column (default 60); cfg: each
+#                       test's own timeout from unittests.cfg
 #   --timeout-interp SECS, --timeout-kvm SECS, --timeout-qemu SECS
 #   --jobs N            runs at a time (default 1; times are wall clock)
 #   --logs DIR          where the per-run logs and table go
@@ -103,15 +105,15 @@ rm -f "$logdir"/*.result
 # The tests of unittests.cfg, one record per test (fields as the suite's
 # scripts/common.bash reads them), separated by \x1f.
 parse_cfg() {
-    local name="" file="" smp=1 args="" opts="" groups="" arch="" check="" accel="" line
+    local name="" file="" smp=1 args="" opts="" groups="" arch="" check="" accel="" tmo=90 line
     emit() {
-        [ -n "$name" ] && printf '%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\n' \
-            "$name" "$file" "$smp" "$args" "$opts" "$groups" "$arch" "$check" "$accel"
+        [ -n "$name" ] && printf '%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\x1f%s\n' \
+            "$name" "$file" "$smp" "$args" "$opts" "$groups" "$arch" "$check" "$accel" "$tmo"
     }
     while IFS= read -r line || [ -n "$line" ]; do
         if [[ "$line" =~ ^\[(.*)\]$ ]]; then
             emit
-            name=${BASH_REMATCH[1]} file="" smp=1 args="" opts="" groups="" arch="" check="" accel=""
+            name=${BASH_REMATCH[1]} file="" smp=1 args="" opts="" groups="" arch="" check="" accel="" tmo=90""
         elif [[ "$line" =~ ^file\ *=\ *(.*)$ ]]; then file=${BASH_REMATCH[1]}
         elif [[ "$line" =~ ^smp\ *=\ *(.*)$ ]]; then smp=${BASH_REMATCH[1]}
         elif [[ "$line" =~ ^test_args\ *=\ *(.*)$ ]]; then args=${BASH_REMATCH[1]}
@@ -120,17 +122,22 @@ parse_cfg() {
         elif [[ "$line" =~ ^arch\ *=\ *(.*)$ ]]; then arch=${BASH_REMATCH[1]}
         elif [[ "$line" =~ ^check\ *=\ *(.*)$ ]]; then check=${BASH_REMATCH[1]}
         elif [[ "$line" =~ ^accel\ *=\ *(.*)$ ]]; then accel=${BASH_REMATCH[1]}
+        elif [[ "$line" =~ ^timeout\ *=\ *([0-9]+)s?\ *$ ]]; then tmo=${BASH_REMATCH[1]}
         fi
     done <"$cfg"
     emit
 }
 
+# The timeout of column $1 for a test whose own timeout is $2.
 timeout_for() {
+    local t
     case "$1" in
-    interp) echo "${t_interp:-$timeout_default}" ;;
-    kvm) echo "${t_kvm:-$timeout_default}" ;;
-    *) echo "${t_qemu:-$timeout_default}" ;;
+    interp) t=${t_interp:-$timeout_default} ;;
+    kvm) t=${t_kvm:-$timeout_default} ;;
+    *) t=${t_qemu:-$timeout_default} ;;
     esac
+    [ "$t" = cfg ] && t=$2
+    echo "$t"
 }
 
 # The environment x86/run gets for a column.
@@ -180,11 +187,11 @@ result_name() {
 
 # One test on one column; writes LOGDIR/NAME.COLUMN.result ("cell|reason").
 run_one() {
-    local name=$1 file=$2 smp=$3 args=$4 opts=$5 groups=$6 check=$7 accel=$8 col=$9
+    local name=$1 file=$2 smp=$3 args=$4 opts=$5 groups=$6 check=$7 accel=$8 col=$9 own=${10}
     local log="$logdir/$name.$col.log" res="$logdir/$name.$col.result"
     local env to colaccel p path value probe cmd t0 t1 rc cell
     env=$(column_env "$col")
-    to=$(timeout_for "$col")
+    to=$(timeout_for "$col" "$own")
     case "$col" in interp | qemu-tcg) colaccel=tcg ;; *) colaccel=kvm ;; esac
     : >"$log"
     if [ -n "$accel" ] && [ "$accel" != "$colaccel" ]; then
@@ -220,7 +227,7 @@ run_one() {
 }
 
 declare -a names
-while IFS=$'\x1f' read -r name file smp args opts groups arch check accel; do
+while IFS=$'\x1f' read -r name file smp args opts groups arch check accel own_timeout; do
     if [ ${#only[@]} -gt 0 ]; then
         found=no
         for o in "${only[@]}"; do [ "$o" = "$name" ] && found=yes; done
@@ -238,7 +245,7 @@ while IFS=$'\x1f' read -r name file smp args opts groups arch check accel; do
     for col in $backends; do
         while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
         echo "running $name on $col" >&2
-        run_one "$name" "$file" "$smp" "$args" "$opts" "$groups" "$check" "$accel" "$col" &
+        run_one "$name" "$file" "$smp" "$args" "$opts" "$groups" "$check" "$accel" "$col" "$own_timeout" &
     done
 done < <(parse_cfg)
 wait
