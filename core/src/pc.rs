@@ -820,6 +820,18 @@ impl Pc {
                 section(&format!("{} @ {base:#x}", d.name()), body);
             }
         }
+        // MMIO devices other than the IOAPIC (above): the PCI functions'
+        // BARs and the VT-d unit, when the machine has them.
+        for (base, _len, dev) in self.machine.mmio.devices() {
+            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+            if base == IOAPIC_BASE {
+                continue;
+            }
+            let body = d.dump();
+            if !body.is_empty() {
+                section(&format!("{} @ {base:#x}", d.name()), body);
+            }
+        }
         out
     }
 }

@@ -373,8 +373,7 @@ impl BusDevice for PciMmio {
     fn dump(&self) -> String {
         let mut out = format!("PCI memory hole {PCI_MMIO_BASE:#x}-{PCI_MMIO_END:#x}\n");
         for f in &self.functions {
-            let g = lock(f);
-            let _ = writeln!(out, "  {}: {}", g.name(), g.config_space().summary());
+            out.push_str(&lock(f).dump());
         }
         out
     }
