@@ -47,12 +47,108 @@ impl InterpVcpu {
             next & 0xffff_ffff
         };
         self.rip = self.next_rip;
-        self.exec(&i)
+        self.exec_hot(&i)
+    }
+
+    /// The instructions guests execute most (plain MOV, ALU, Jcc, INC /
+    /// DEC), dispatched here, inlined into the step loop, before `exec`'s
+    /// full match. Each runs the same code as in `exec`.
+    #[inline(always)]
+    fn exec_hot(&mut self, i: &Instruction) -> R<()> {
+        let m = i.mnemonic();
+        match m {
+            Mnemonic::Mov => {
+                if self.exec_regs_fast(i, m) {
+                    return Ok(());
+                }
+                self.exec_mov(i)
+            }
+            Mnemonic::Add
+            | Mnemonic::Or
+            | Mnemonic::Adc
+            | Mnemonic::Sbb
+            | Mnemonic::And
+            | Mnemonic::Sub
+            | Mnemonic::Xor
+            | Mnemonic::Cmp
+            | Mnemonic::Test => {
+                if self.exec_regs_fast(i, m) {
+                    return Ok(());
+                }
+                self.exec_alu(i, m)
+            }
+            Mnemonic::Inc | Mnemonic::Dec => self.exec_inc_dec(i, m),
+            Mnemonic::Ja
+            | Mnemonic::Jae
+            | Mnemonic::Jb
+            | Mnemonic::Jbe
+            | Mnemonic::Je
+            | Mnemonic::Jg
+            | Mnemonic::Jge
+            | Mnemonic::Jl
+            | Mnemonic::Jle
+            | Mnemonic::Jne
+            | Mnemonic::Jno
+            | Mnemonic::Jnp
+            | Mnemonic::Jns
+            | Mnemonic::Jo
+            | Mnemonic::Jp
+            | Mnemonic::Js => self.exec_jcc(i, m),
+            _ => self.exec(i),
+        }
+    }
+
+    /// Jcc (`m`): a near branch if the condition holds.
+    #[inline(always)]
+    fn exec_jcc(&mut self, i: &Instruction, m: Mnemonic) -> R<()> {
+        // The condition from the mnemonic: cheaper than iced's
+        // `condition_code`, which searches the Code ranges.
+        let cc = match m {
+            Mnemonic::Jo => ConditionCode::o,
+            Mnemonic::Jno => ConditionCode::no,
+            Mnemonic::Jb => ConditionCode::b,
+            Mnemonic::Jae => ConditionCode::ae,
+            Mnemonic::Je => ConditionCode::e,
+            Mnemonic::Jne => ConditionCode::ne,
+            Mnemonic::Jbe => ConditionCode::be,
+            Mnemonic::Ja => ConditionCode::a,
+            Mnemonic::Js => ConditionCode::s,
+            Mnemonic::Jns => ConditionCode::ns,
+            Mnemonic::Jp => ConditionCode::p,
+            Mnemonic::Jnp => ConditionCode::np,
+            Mnemonic::Jl => ConditionCode::l,
+            Mnemonic::Jge => ConditionCode::ge,
+            Mnemonic::Jle => ConditionCode::le,
+            Mnemonic::Jg => ConditionCode::g,
+            _ => i.condition_code(),
+        };
+        if self.cond(cc) {
+            let t = self.branch_target(i);
+            self.jump(t)?;
+        }
+        Ok(())
+    }
+
+    /// INC / DEC: CF is kept.
+    #[inline(always)]
+    fn exec_inc_dec(&mut self, i: &Instruction, m: Mnemonic) -> R<()> {
+        let s = self.op_size(i, 0);
+        let a = self.read_op(i, 0, s)?;
+        let (r, f) = if m == Mnemonic::Inc {
+            let r = a.wrapping_add(1) & mask(s);
+            (r, flags::add(a, 1, 0, r, s))
+        } else {
+            let r = a.wrapping_sub(1) & mask(s);
+            (r, flags::sub(a, 1, 0, r, s))
+        };
+        self.write_op(i, 0, s, r)?;
+        self.set_arith((f & !CF) | (self.rflags & CF));
+        Ok(())
     }
 
     // ---- registers and operands ----
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg_read(&self, r: Register) -> u64 {
         let n = r as usize;
         if r.is_gpr64() {
@@ -77,7 +173,7 @@ impl InterpVcpu {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reg_write(&mut self, r: Register, v: u64) {
         let n = r as usize;
         if r.is_gpr64() {
@@ -100,7 +196,7 @@ impl InterpVcpu {
     }
 
     /// The effective address (offset in its segment) of the memory operand.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn ea(&self, i: &Instruction) -> u64 {
         let base = i.memory_base();
         let index = i.memory_index();
@@ -128,7 +224,7 @@ impl InterpVcpu {
     }
 
     /// Size in bytes of operand `n`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn op_size(&self, i: &Instruction, n: u32) -> usize {
         match i.op_kind(n) {
             OpKind::Register => i.op_register(n).size(),
@@ -140,14 +236,14 @@ impl InterpVcpu {
         }
     }
 
-    #[inline]
+    /// Operand `n` of `size` bytes. Registers and immediates inline, the
+    /// memory operand out of line (`read_op_mem`): small enough for every
+    /// instruction to inline.
+    #[inline(always)]
     pub(crate) fn read_op(&mut self, i: &Instruction, n: u32, size: usize) -> R<u64> {
         match i.op_kind(n) {
             OpKind::Register => Ok(self.reg_read(i.op_register(n))),
-            OpKind::Memory => {
-                let ea = self.ea(i);
-                self.read_mem(i.memory_segment(), ea, size)
-            }
+            OpKind::Memory => self.read_op_mem(i, size),
             OpKind::Immediate8
             | OpKind::Immediate16
             | OpKind::Immediate32
@@ -161,22 +257,33 @@ impl InterpVcpu {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, size: usize, v: u64) -> R<()> {
         match i.op_kind(n) {
             OpKind::Register => {
                 self.reg_write(i.op_register(n), v);
                 Ok(())
             }
-            OpKind::Memory => {
-                let ea = self.ea(i);
-                self.write_mem(i.memory_segment(), ea, size, v & mask(size))
-            }
+            OpKind::Memory => self.write_op_mem(i, size, v & mask(size)),
             _ => Err(UD),
         }
     }
 
-    #[inline]
+    /// The memory operand of `i` (`size` bytes).
+    #[inline(never)]
+    fn read_op_mem(&mut self, i: &Instruction, size: usize) -> R<u64> {
+        let ea = self.ea(i);
+        self.read_mem(i.memory_segment(), ea, size)
+    }
+
+    /// Writes the memory operand of `i` (`size` bytes).
+    #[inline(never)]
+    fn write_op_mem(&mut self, i: &Instruction, size: usize, v: u64) -> R<()> {
+        let ea = self.ea(i);
+        self.write_mem(i.memory_segment(), ea, size, v)
+    }
+
+    #[inline(always)]
     pub(crate) fn set_arith(&mut self, f: u64) {
         self.rflags = (self.rflags & !flags::ARITH) | f;
     }
@@ -227,7 +334,7 @@ impl InterpVcpu {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn branch_target(&self, i: &Instruction) -> u64 {
         let t = self.insn_rip.wrapping_add(i.near_branch64());
         if self.bitness == 64 {
@@ -240,6 +347,7 @@ impl InterpVcpu {
         }
     }
 
+    #[inline(always)]
     fn jump(&mut self, target: u64) -> R<()> {
         if self.bitness == 64 {
             if !canonical(target) {
@@ -253,6 +361,7 @@ impl InterpVcpu {
         Ok(())
     }
 
+    #[inline(always)]
     pub(crate) fn cond(&self, cc: ConditionCode) -> bool {
         let f = self.rflags;
         let cf = f & CF != 0;
@@ -356,20 +465,7 @@ impl InterpVcpu {
             | Mnemonic::Xor
             | Mnemonic::Cmp
             | Mnemonic::Test => self.exec_alu(i, m),
-            Mnemonic::Inc | Mnemonic::Dec => {
-                let s = self.op_size(i, 0);
-                let a = self.read_op(i, 0, s)?;
-                let (r, f) = if m == Mnemonic::Inc {
-                    let r = a.wrapping_add(1) & mask(s);
-                    (r, flags::add(a, 1, 0, r, s))
-                } else {
-                    let r = a.wrapping_sub(1) & mask(s);
-                    (r, flags::sub(a, 1, 0, r, s))
-                };
-                self.write_op(i, 0, s, r)?;
-                self.set_arith((f & !CF) | (self.rflags & CF));
-                Ok(())
-            }
+            Mnemonic::Inc | Mnemonic::Dec => self.exec_inc_dec(i, m),
             Mnemonic::Neg => {
                 let s = self.op_size(i, 0);
                 let a = self.read_op(i, 0, s)?;
@@ -746,13 +842,7 @@ impl InterpVcpu {
             | Mnemonic::Jns
             | Mnemonic::Jo
             | Mnemonic::Jp
-            | Mnemonic::Js => {
-                if self.cond(i.condition_code()) {
-                    let t = self.branch_target(i);
-                    self.jump(t)?;
-                }
-                Ok(())
-            }
+            | Mnemonic::Js => self.exec_jcc(i, m),
             Mnemonic::Seta
             | Mnemonic::Setae
             | Mnemonic::Setb
@@ -1120,7 +1210,24 @@ impl InterpVcpu {
         Ok(())
     }
 
+    /// MOV: between general-purpose registers, memory and immediates
+    /// inline; control, debug, segment (and test) registers out of line.
+    #[inline(always)]
     fn exec_mov(&mut self, i: &Instruction) -> R<()> {
+        // AL..R15: iced numbers the general-purpose registers 1 to 68.
+        let gpr = |r: Register| (1..=68).contains(&(r as u32));
+        if (i.op0_kind() == OpKind::Register && !gpr(i.op0_register()))
+            || (i.op1_kind() == OpKind::Register && !gpr(i.op1_register()))
+        {
+            return self.exec_mov_special(i);
+        }
+        let s = self.op_size(i, 0);
+        let v = self.read_op(i, 1, s)?;
+        self.write_op(i, 0, s, v)
+    }
+
+    #[inline(never)]
+    fn exec_mov_special(&mut self, i: &Instruction) -> R<()> {
         if i.op_kind(0) == OpKind::Register {
             let r = i.op_register(0);
             if r.is_cr() {
@@ -1195,41 +1302,12 @@ impl InterpVcpu {
         self.write_op(i, 0, s, v)
     }
 
+    #[inline(always)]
     fn exec_alu(&mut self, i: &Instruction, m: Mnemonic) -> R<()> {
         let s = self.op_size(i, 0);
         let a = self.read_op(i, 0, s)?;
         let b = self.read_op(i, 1, s)? & mask(s);
-        let c = self.rflags & CF;
-        let (r, f) = match m {
-            Mnemonic::Add => {
-                let r = a.wrapping_add(b) & mask(s);
-                (r, flags::add(a, b, 0, r, s))
-            }
-            Mnemonic::Adc => {
-                let r = a.wrapping_add(b).wrapping_add(c) & mask(s);
-                (r, flags::add(a, b, c, r, s) ^ flags::planted_adc_cf())
-            }
-            Mnemonic::Sub | Mnemonic::Cmp => {
-                let r = a.wrapping_sub(b) & mask(s);
-                (r, flags::sub(a, b, 0, r, s))
-            }
-            Mnemonic::Sbb => {
-                let r = a.wrapping_sub(b).wrapping_sub(c) & mask(s);
-                (r, flags::sub(a, b, c, r, s))
-            }
-            Mnemonic::And | Mnemonic::Test => {
-                let r = a & b;
-                (r, flags::logic(r, s))
-            }
-            Mnemonic::Or => {
-                let r = a | b;
-                (r, flags::logic(r, s))
-            }
-            _ => {
-                let r = (a ^ b) & mask(s);
-                (r, flags::logic(r, s))
-            }
-        };
+        let (r, f) = alu_op(m, a, b, self.rflags & CF, s);
         if !matches!(m, Mnemonic::Cmp | Mnemonic::Test) {
             self.write_op(i, 0, s, r)?;
         }
@@ -1237,6 +1315,113 @@ impl InterpVcpu {
         Ok(())
     }
 
+    /// A 32- or 64-bit general-purpose register operand: its index in
+    /// `gpr` and its size. iced numbers EAX..R15D 37 to 52, RAX..R15 53 to
+    /// 68.
+    #[inline(always)]
+    fn gpr_wide(r: Register) -> Option<(usize, usize)> {
+        let n = r as usize;
+        if (53..=68).contains(&n) {
+            Some((n - 53, 8))
+        } else if (37..=52).contains(&n) {
+            Some((n - 37, 4))
+        } else {
+            None
+        }
+    }
+
+    /// The source of a register-only MOV or ALU instruction whose
+    /// destination is a `s`-byte register: a register of that size or an
+    /// immediate (as `read_op` reads them). `None`: another form.
+    #[inline(always)]
+    fn reg_or_imm_src(&self, i: &Instruction, s: usize) -> Option<u64> {
+        match i.op1_kind() {
+            OpKind::Register => match Self::gpr_wide(i.op1_register()) {
+                Some((n, s1)) if s1 == s => Some(self.gpr[n] & mask(s)),
+                _ => None,
+            },
+            OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32
+            | OpKind::Immediate32to64
+            | OpKind::Immediate64 => Some(i.immediate(1) & mask(s)),
+            _ => None,
+        }
+    }
+
+    /// MOV and the ALU instructions between 32- / 64-bit registers and
+    /// immediates, the commonest forms, without the operand-kind dispatch
+    /// of `read_op` / `write_op` (they cannot fault). Returns whether `i`
+    /// was one of them (and executed).
+    #[inline(always)]
+    fn exec_regs_fast(&mut self, i: &Instruction, m: Mnemonic) -> bool {
+        if i.op0_kind() != OpKind::Register {
+            return false;
+        }
+        let Some((d, s)) = Self::gpr_wide(i.op0_register()) else {
+            return false;
+        };
+        let Some(b) = self.reg_or_imm_src(i, s) else {
+            return false;
+        };
+        // A 32-bit destination is zero-extended, as `reg_write` does.
+        if m == Mnemonic::Mov {
+            self.gpr[d] = b;
+            return true;
+        }
+        let a = self.gpr[d] & mask(s);
+        let c = self.rflags & CF;
+        // Constant sizes let the flag helpers fold their tables.
+        let (r, f) = if s == 8 {
+            alu_op(m, a, b, c, 8)
+        } else {
+            alu_op(m, a, b, c, 4)
+        };
+        if !matches!(m, Mnemonic::Cmp | Mnemonic::Test) {
+            self.gpr[d] = r & mask(s);
+        }
+        self.set_arith(f);
+        true
+    }
+}
+
+/// The result and arithmetic flags of the ALU instruction `m` on `s`-byte
+/// operands `a` and `b` (masked) with carry-in `c` (CF).
+#[inline(always)]
+fn alu_op(m: Mnemonic, a: u64, b: u64, c: u64, s: usize) -> (u64, u64) {
+    match m {
+        Mnemonic::Add => {
+            let r = a.wrapping_add(b) & mask(s);
+            (r, flags::add(a, b, 0, r, s))
+        }
+        Mnemonic::Adc => {
+            let r = a.wrapping_add(b).wrapping_add(c) & mask(s);
+            (r, flags::add(a, b, c, r, s) ^ flags::planted_adc_cf())
+        }
+        Mnemonic::Sub | Mnemonic::Cmp => {
+            let r = a.wrapping_sub(b) & mask(s);
+            (r, flags::sub(a, b, 0, r, s))
+        }
+        Mnemonic::Sbb => {
+            let r = a.wrapping_sub(b).wrapping_sub(c) & mask(s);
+            (r, flags::sub(a, b, c, r, s))
+        }
+        Mnemonic::And | Mnemonic::Test => {
+            let r = a & b;
+            (r, flags::logic(r, s))
+        }
+        Mnemonic::Or => {
+            let r = a | b;
+            (r, flags::logic(r, s))
+        }
+        _ => {
+            let r = (a ^ b) & mask(s);
+            (r, flags::logic(r, s))
+        }
+    }
+}
+
+impl InterpVcpu {
     /// Shifts and rotates (SDM vol. 2, SAL/SAR/SHL/SHR and RCL/RCR/ROL/ROR).
     /// A masked count of 0 changes nothing. OF is defined for 1-bit counts
     /// only; for larger counts it is computed by the 1-bit formula (an

@@ -24,29 +24,42 @@ pub const ARITH: u64 = CF | PF | AF | ZF | SF | OF;
 pub const SETTABLE: u64 = ARITH | TF | IF | DF | IOPL | NT | RF | VM | AC | VIF | VIP | ID;
 
 /// All-ones mask of an operand of `size` bytes.
-#[inline]
+#[inline(always)]
 pub fn mask(size: usize) -> u64 {
-    match size {
-        1 => 0xff,
-        2 => 0xffff,
-        4 => 0xffff_ffff,
-        _ => u64::MAX,
-    }
+    // A table rather than a `match`: sizes are run-time values here.
+    const M: [u64; 9] = [
+        u64::MAX,
+        0xff,
+        0xffff,
+        u64::MAX,
+        0xffff_ffff,
+        u64::MAX,
+        u64::MAX,
+        u64::MAX,
+        u64::MAX,
+    ];
+    M.get(size).copied().unwrap_or(u64::MAX)
 }
 
 /// The sign bit of an operand of `size` bytes.
-#[inline]
+#[inline(always)]
 pub fn sign(size: usize) -> u64 {
-    match size {
-        1 => 0x80,
-        2 => 0x8000,
-        4 => 0x8000_0000,
-        _ => 1 << 63,
-    }
+    const S: [u64; 9] = [
+        1 << 63,
+        0x80,
+        0x8000,
+        1 << 63,
+        0x8000_0000,
+        1 << 63,
+        1 << 63,
+        1 << 63,
+        1 << 63,
+    ];
+    S.get(size).copied().unwrap_or(1 << 63)
 }
 
 /// Sign-extends the low `size` bytes of `v`.
-#[inline]
+#[inline(always)]
 pub fn sext(v: u64, size: usize) -> u64 {
     match size {
         1 => v as u8 as i8 as i64 as u64,
@@ -57,12 +70,16 @@ pub fn sext(v: u64, size: usize) -> u64 {
 }
 
 /// PF, ZF and SF of result `r` (already masked to `size`).
-#[inline]
+#[inline(always)]
 pub fn szp(r: u64, size: usize) -> u64 {
-    let mut f = 0;
-    if (r as u8).count_ones() % 2 == 0 {
-        f |= PF;
-    }
+    // PF: an even number of ones in the low byte. 0x9669 has bit n set for
+    // each 4-bit n with even parity; the byte's halves fold into one nibble.
+    let b = r as u8;
+    let mut f = if (0x9669u16 >> ((b ^ (b >> 4)) & 0xf)) & 1 != 0 {
+        PF
+    } else {
+        0
+    };
     if r & mask(size) == 0 {
         f |= ZF;
     }
@@ -73,7 +90,7 @@ pub fn szp(r: u64, size: usize) -> u64 {
 }
 
 /// Flags of `a + b + carry` = `r` (ADD, ADC, INC without CF).
-#[inline]
+#[inline(always)]
 pub fn add(a: u64, b: u64, carry: u64, r: u64, size: usize) -> u64 {
     let m = mask(size);
     let (a, b, r) = (a & m, b & m, r & m);
@@ -91,7 +108,7 @@ pub fn add(a: u64, b: u64, carry: u64, r: u64, size: usize) -> u64 {
 }
 
 /// Flags of `a - b - borrow` = `r` (SUB, SBB, CMP, NEG, DEC without CF).
-#[inline]
+#[inline(always)]
 pub fn sub(a: u64, b: u64, borrow: u64, r: u64, size: usize) -> u64 {
     let m = mask(size);
     let (a, b, r) = (a & m, b & m, r & m);
@@ -110,7 +127,7 @@ pub fn sub(a: u64, b: u64, borrow: u64, r: u64, size: usize) -> u64 {
 
 /// Flags of AND, OR, XOR, TEST: CF = OF = 0, SF ZF PF from the result. AF is
 /// undefined; Intel processors clear it, and so does this.
-#[inline]
+#[inline(always)]
 pub fn logic(r: u64, size: usize) -> u64 {
     szp(r & mask(size), size)
 }

@@ -237,6 +237,11 @@ pub struct InterpVcpu {
     /// into that log it has dropped pages other processors wrote.
     pub(crate) code_writer: u64,
     code_seen: u64,
+    /// The linear address of the last store and its distance from the one
+    /// before: a store stream with a constant stride has its coming lines
+    /// prefetched (`prefetch_stores` in mmu.rs).
+    pub(crate) store_la: u64,
+    pub(crate) store_stride: u64,
 }
 
 /// Names processors in `CodeWatch` logs (unique in the process).
@@ -354,6 +359,8 @@ impl InterpVcpu {
             tsc_clock: None,
             code_writer: NEXT_CODE_WRITER.fetch_add(1, Ordering::Relaxed),
             code_seen,
+            store_la: 0,
+            store_stride: 0,
         };
         v.mode_changed();
         v

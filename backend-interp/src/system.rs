@@ -110,6 +110,7 @@ impl InterpVcpu {
         }
     }
 
+    #[inline]
     pub(crate) fn read_mem(&mut self, seg: Register, off: u64, size: usize) -> R<u64> {
         if self.bitness != 64 {
             self.check_segment_access(seg, off, size, false)?;
@@ -119,6 +120,7 @@ impl InterpVcpu {
         self.lin_read(la, size, user)
     }
 
+    #[inline]
     pub(crate) fn write_mem(&mut self, seg: Register, off: u64, size: usize, v: u64) -> R<()> {
         if self.bitness != 64 {
             self.check_segment_access(seg, off, size, true)?;

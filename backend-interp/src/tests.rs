@@ -556,6 +556,41 @@ fn page_fault_invalidates_the_tlb_entry_of_the_address() {
     );
 }
 
+/// MOV to CR3 flushes translations of kernel-half addresses too: the TLB
+/// tags entries with a flush epoch, and the high bits a canonical kernel
+/// address sets must not stand in for it. The guest remaps its page, and
+/// only the reload of CR3 (or INVLPG) makes the new mapping visible.
+#[test]
+fn mov_cr3_flushes_kernel_half_translations() {
+    const HIGH: u64 = 0xffff_ff80_0000_0000;
+    let mut v = with(|a| {
+        a.mov(rbx, HIGH)?;
+        a.mov(eax, dword_ptr(rbx))?; // page 0x30_0000, cached
+        a.mov(qword_ptr(0xe000u64), 0x31_0003)?; // remap to 0x31_0000
+        a.mov(ecx, dword_ptr(rbx))?; // still the cached translation
+        a.mov(rsi, cr3)?;
+        a.mov(cr3, rsi)?;
+        a.mov(edx, dword_ptr(rbx))?; // walks again: 0x31_0000
+        a.mov(qword_ptr(0xe000u64), 0x30_0003)?; // back to 0x30_0000
+        a.invlpg(byte_ptr(rbx))?;
+        a.mov(edi, dword_ptr(rbx))?;
+        a.hlt()
+    });
+    // PML4[511] -> PDPT 0xc000 -> PD 0xd000 -> PT 0xe000.
+    v.mem.write_u64(0x1ff8, 0xc003).unwrap();
+    v.mem.write_u64(0xc000, 0xd003).unwrap();
+    v.mem.write_u64(0xd000, 0xe003).unwrap();
+    v.mem.write_u64(0xe000, 0x30_0003).unwrap();
+    v.mem.write_u32(0x30_0000, 0x1111).unwrap();
+    v.mem.write_u32(0x31_0000, 0x2222).unwrap();
+    assert_eq!(v.run().unwrap(), VcpuExit::Hlt);
+    let r = v.get_regs().unwrap();
+    assert_eq!(
+        (r.rax, r.rcx, r.rdx, r.rdi),
+        (0x1111, 0x1111, 0x2222, 0x1111)
+    );
+}
+
 #[test]
 fn non_canonical_is_gp_and_a_broken_idt_is_a_triple_fault() {
     let mut v = with(|a| {

@@ -51,6 +51,9 @@ pub struct GuestMemory {
     ptr: *mut u8,
     size: u64,
     regions: Vec<RamRegion>,
+    /// End of the first region, which starts at guest-physical 0 at offset
+    /// 0 of the mapping: most accesses are below it and need no search.
+    low_end: u64,
     code: CodeWatch,
 }
 
@@ -83,6 +86,13 @@ impl GuestMemory {
             size,
             reason: e.to_string(),
         })?;
+        // Transparent huge pages where the host gives them on request
+        // (`madvise` mode): a guest's page tables scatter its working set
+        // over guest RAM, and with 4 KiB host pages nearly every access of
+        // the interpreter to a new guest page missed the host TLB too.
+        // Only a hint: without THP the mapping stays as it is.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         let ptr = map.as_mut_ptr();
         let mut regions = vec![RamRegion {
             gpa: 0,
@@ -97,11 +107,13 @@ impl GuestMemory {
             });
         }
         let end = regions.last().map_or(0, RamRegion::end);
+        let low_end = regions[0].end();
         Ok(GuestMemory {
             map,
             ptr,
             size,
             regions,
+            low_end,
             code: CodeWatch::new(end),
         })
     }
@@ -133,8 +145,12 @@ impl GuestMemory {
     }
 
     /// Offset into the mapping of `[gpa, gpa+len)`, if it is all RAM.
+    #[inline]
     fn offset_of(&self, gpa: u64, len: u64) -> Option<usize> {
         let end = gpa.checked_add(len)?;
+        if end <= self.low_end {
+            return Some(gpa as usize);
+        }
         self.regions
             .iter()
             .find(|r| gpa >= r.gpa && end <= r.end())
@@ -171,6 +187,71 @@ impl GuestMemory {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
         fence(Ordering::Release);
         Ok(())
+    }
+
+    /// Reads `len` (1 to 8) bytes at `gpa` as a little-endian number, if
+    /// they are all RAM: the interpreter's loads, without a byte buffer.
+    #[inline]
+    pub fn read_le(&self, gpa: u64, len: usize) -> Option<u64> {
+        let off = self.offset_of(gpa, len as u64)?;
+        fence(Ordering::Acquire);
+        // SAFETY: `offset_of` checked that `off..off+len` lies inside the
+        // mapping; unaligned reads of plain integers need no alignment.
+        let v = unsafe {
+            let p = self.ptr.add(off);
+            match len {
+                1 => u64::from(p.read()),
+                2 => u64::from(u16::from_le(p.cast::<u16>().read_unaligned())),
+                4 => u64::from(u32::from_le(p.cast::<u32>().read_unaligned())),
+                8 => u64::from_le(p.cast::<u64>().read_unaligned()),
+                _ => {
+                    let mut b = [0u8; 8];
+                    std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), len.min(8));
+                    u64::from_le_bytes(b)
+                }
+            }
+        };
+        Some(v)
+    }
+
+    /// Writes the low `len` (1 to 8) bytes of `v` at `gpa` if they are all
+    /// RAM (returns whether they were): the interpreter's stores.
+    #[inline]
+    pub fn write_le(&self, gpa: u64, len: usize, v: u64) -> bool {
+        let Some(off) = self.offset_of(gpa, len as u64) else {
+            return false;
+        };
+        // SAFETY: `offset_of` checked that `off..off+len` lies inside the
+        // mapping; unaligned writes of plain integers need no alignment.
+        unsafe {
+            let p = self.ptr.add(off);
+            match len {
+                1 => p.write(v as u8),
+                2 => p.cast::<u16>().write_unaligned((v as u16).to_le()),
+                4 => p.cast::<u32>().write_unaligned((v as u32).to_le()),
+                8 => p.cast::<u64>().write_unaligned(v.to_le()),
+                _ => std::ptr::copy_nonoverlapping(v.to_le_bytes().as_ptr(), p, len.min(8)),
+            }
+        }
+        fence(Ordering::Release);
+        true
+    }
+
+    /// Hints the processor to fetch the cache line of RAM at `gpa`, which is
+    /// about to be accessed. No effect on anything else.
+    #[inline]
+    pub fn prefetch(&self, gpa: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(off) = self.offset_of(gpa, 1) {
+            // SAFETY: `offset_of` checked that `off` lies inside the mapping;
+            // a prefetch reads nothing and cannot fault.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(self.ptr.add(off).cast::<i8>());
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = gpa;
     }
 
     /// Fills `[gpa, gpa+len)` with zeroes.
@@ -269,6 +350,7 @@ impl CodeWatch {
     }
 
     /// The word and bit of the page holding `gpa`, if it is tracked.
+    #[inline]
     fn bit(&self, gpa: u64) -> Option<(&AtomicU64, u64)> {
         let page = gpa >> 12;
         let word = self.pages.get(usize::try_from(page / 64).ok()?)?;
@@ -288,6 +370,7 @@ impl CodeWatch {
     /// Processor `writer` wrote guest memory at `gpa` (after the write):
     /// logs it if some processor caches code from that page. Returns
     /// whether it did.
+    #[inline]
     pub fn note_write(&self, gpa: u64, writer: u64) -> bool {
         let Some((w, b)) = self.bit(gpa) else {
             return false;
@@ -295,6 +378,13 @@ impl CodeWatch {
         if w.load(Ordering::Relaxed) & b == 0 {
             return false;
         }
+        self.log_write(w, b, gpa, writer)
+    }
+
+    /// `note_write` for a page some processor caches code from.
+    #[cold]
+    #[inline(never)]
+    fn log_write(&self, w: &AtomicU64, b: u64, gpa: u64, writer: u64) -> bool {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         w.fetch_and(!b, Ordering::SeqCst);
         let n = self.seq.load(Ordering::Relaxed);
