@@ -595,6 +595,26 @@ impl Session {
         // before the processor delivers the event, and the delivery then
         // happens in a later one.
         let mut handler_bp = None;
+        // The trace record of an injected event's delivery, emitted once the
+        // processor has delivered it (possibly in a later entry than the one
+        // that injected it, when a kick ended that one first).
+        let mut delivery = None;
+        // An event injected in an entry that a kick ended before the
+        // processor delivered it is still in delivery. It goes before the
+        // instruction at RIP, so single-stepping now would only put TF in
+        // the frame it pushes (the handler's IRET would then trap in the
+        // guest). A step stops at its handler, as a step that injects does;
+        // a continue lets it be delivered with no step over the breakpoint
+        // at RIP, which the handler's return then reaches again.
+        if let Some(vector) = self.vector_in_delivery()? {
+            let wanted = mode == Resume::Step || self.vector_bp(vector).is_some();
+            if wanted {
+                handler_bp = self.handler_address(vector)?;
+            }
+            if handler_bp.is_some() || !wanted {
+                skip = None;
+            }
+        }
         loop {
             if self.interrupt.swap(false, Ordering::SeqCst) {
                 return Ok(Stop::Interrupted);
@@ -613,7 +633,6 @@ impl Session {
             }
             let d =
                 ladder::inject_events_traced(self.vcpu(), &*machine.interrupts, &machine.tracer)?;
-            let mut delivery = None;
             if let Some(ev) = d.injected {
                 self.stats.injections += 1;
                 delivery = machine
@@ -628,7 +647,9 @@ impl Session {
                 } else {
                     None
                 };
-            } else if halted_in_step {
+            } else if halted_in_step && handler_bp.is_none() {
+                // (With an injected event still in delivery, the step ends
+                // at its handler instead.)
                 return Ok(Stop::Step);
             }
             if self.tpr_written {
@@ -726,7 +747,9 @@ impl Session {
             entered = true;
             let exit = self.vcpu().run();
             bell.leave();
-            if !matches!(exit, Ok(VcpuExit::Kicked)) {
+            if delivery.is_some()
+                && (!matches!(exit, Ok(VcpuExit::Kicked)) || self.vector_in_delivery()?.is_none())
+            {
                 if let Some(ev) = delivery.take() {
                     machine.tracer.emit(ev);
                 }
@@ -854,6 +877,18 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The vector of an event injected and not yet delivered, if any.
+    fn vector_in_delivery(&mut self) -> Result<Option<u8>> {
+        let ev = self.vcpu().get_events()?;
+        Ok(if ev.nmi_injected {
+            Some(2)
+        } else if let Some(i) = ev.interrupt {
+            Some(i.vector)
+        } else {
+            ev.exception.filter(|e| e.injected).map(|e| e.vector)
+        })
     }
 
     /// Guest debugging for the next entry. Where KVM leaves the trap flag
