@@ -50,9 +50,10 @@ impl InterpVcpu {
         self.exec_hot(&i)
     }
 
-    /// The instructions guests execute most (plain MOV, ALU, Jcc, INC /
-    /// DEC), dispatched here, inlined into the step loop, before `exec`'s
-    /// full match. Each runs the same code as in `exec`.
+    /// The instructions guests execute most (MOV, the two-operand ALU
+    /// group, INC / DEC, Jcc), dispatched here, inlined into the step loop;
+    /// everything else goes to `exec`'s full match, which does not list
+    /// them again.
     #[inline(always)]
     fn exec_hot(&mut self, i: &Instruction) -> R<()> {
         let m = i.mnemonic();
@@ -426,7 +427,6 @@ impl InterpVcpu {
             | Mnemonic::Clflush
             | Mnemonic::Clflushopt
             | Mnemonic::Clwb => Ok(()),
-            Mnemonic::Mov => self.exec_mov(i),
             Mnemonic::Movzx => {
                 let v = self.read_op(i, 1, self.op_size(i, 1))?;
                 let s0 = self.op_size(i, 0);
@@ -456,16 +456,6 @@ impl InterpVcpu {
                     self.write_op(i, 0, s, b)
                 }
             }
-            Mnemonic::Add
-            | Mnemonic::Or
-            | Mnemonic::Adc
-            | Mnemonic::Sbb
-            | Mnemonic::And
-            | Mnemonic::Sub
-            | Mnemonic::Xor
-            | Mnemonic::Cmp
-            | Mnemonic::Test => self.exec_alu(i, m),
-            Mnemonic::Inc | Mnemonic::Dec => self.exec_inc_dec(i, m),
             Mnemonic::Neg => {
                 let s = self.op_size(i, 0);
                 let a = self.read_op(i, 0, s)?;
@@ -827,22 +817,6 @@ impl InterpVcpu {
                 }
                 Ok(())
             }
-            Mnemonic::Ja
-            | Mnemonic::Jae
-            | Mnemonic::Jb
-            | Mnemonic::Jbe
-            | Mnemonic::Je
-            | Mnemonic::Jg
-            | Mnemonic::Jge
-            | Mnemonic::Jl
-            | Mnemonic::Jle
-            | Mnemonic::Jne
-            | Mnemonic::Jno
-            | Mnemonic::Jnp
-            | Mnemonic::Jns
-            | Mnemonic::Jo
-            | Mnemonic::Jp
-            | Mnemonic::Js => self.exec_jcc(i, m),
             Mnemonic::Seta
             | Mnemonic::Setae
             | Mnemonic::Setb

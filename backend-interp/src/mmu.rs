@@ -681,13 +681,9 @@ impl InterpVcpu {
     /// `pa`.
     pub(crate) fn phys_write(&mut self, pa: u64, data: &[u8]) -> R<()> {
         if self.mem.is_ram(pa, data.len() as u64) {
-            if self.cache.is_code_page(pa) {
-                self.cache.invalidate_page(pa);
-            }
             let _ = self.mem.write(pa, data);
-            // Other processors' cached copies go at their next entry
-            // (`lin_write` splits at page boundaries: one page here).
-            self.mem.code_watch().note_write(pa, self.code_writer);
+            // (`lin_write` splits at page boundaries: one page here.)
+            self.ram_written(pa);
             return Ok(());
         }
         let n = data.len().min(8);
@@ -702,15 +698,20 @@ impl InterpVcpu {
     #[inline(always)]
     fn phys_write_le(&mut self, pa: u64, size: usize, v: u64) -> R<()> {
         if self.mem.write_le(pa, size, v) {
-            // As `phys_write`: this processor's cached code from the page
-            // goes now, other processors' at their next entry.
-            if self.cache.is_code_page(pa) {
-                self.cache.invalidate_page(pa);
-            }
-            self.mem.code_watch().note_write(pa, self.code_writer);
+            self.ram_written(pa);
             return Ok(());
         }
         self.phys_write(pa, &v.to_le_bytes()[..size])
+    }
+
+    /// After this processor wrote RAM in the page of `pa`: its own cached
+    /// code from the page goes now, other processors' at their next entry.
+    #[inline(always)]
+    fn ram_written(&mut self, pa: u64) {
+        if self.cache.is_code_page(pa) {
+            self.cache.invalidate_page(pa);
+        }
+        self.mem.code_watch().note_write(pa, self.code_writer);
     }
 
     /// Reads `size` (1..=8) bytes at linear `la`.

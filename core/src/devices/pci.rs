@@ -44,21 +44,21 @@ const CONFIG_DATA_OFFSET: u64 = 4;
 const CONFIG_ENABLE: u32 = 1 << 31;
 
 // Header registers.
-const VENDOR_ID: usize = 0x00;
-const DEVICE_ID: usize = 0x02;
-const COMMAND: usize = 0x04;
-const STATUS: usize = 0x06;
-const REVISION_ID: usize = 0x08;
-const CLASS_PROG: usize = 0x09;
-const CACHE_LINE_SIZE: usize = 0x0C;
+pub(crate) const VENDOR_ID: usize = 0x00;
+pub(crate) const DEVICE_ID: usize = 0x02;
+pub(crate) const COMMAND: usize = 0x04;
+pub(crate) const STATUS: usize = 0x06;
+pub(crate) const REVISION_ID: usize = 0x08;
+pub(crate) const CLASS_PROG: usize = 0x09;
+pub(crate) const CACHE_LINE_SIZE: usize = 0x0C;
 const HEADER_TYPE: usize = 0x0E;
-const SUBSYSTEM_VENDOR_ID: usize = 0x2C;
-const SUBSYSTEM_ID: usize = 0x2E;
-const INTERRUPT_LINE: usize = 0x3C;
+pub(crate) const SUBSYSTEM_VENDOR_ID: usize = 0x2C;
+pub(crate) const SUBSYSTEM_ID: usize = 0x2E;
+pub(crate) const INTERRUPT_LINE: usize = 0x3C;
 const HEADER_SIZE: usize = 0x40;
 
 /// Command bits a guest may change (QEMU's `pci_init_wmask`).
-const COMMAND_WMASK: u16 = 0x0001 // I/O space
+pub(crate) const COMMAND_WMASK: u16 = 0x0001 // I/O space
     | 0x0002 // memory space
     | 0x0004 // bus master
     | 0x0040 // parity error response
@@ -76,8 +76,8 @@ pub const I440FX_DEVICE_ID: u16 = 0x1237;
 /// 82371SB PIIX3 ISA bridge.
 pub const PIIX3_DEVICE_ID: u16 = 0x7000;
 /// The subsystem QEMU gives its devices (Red Hat, "QEMU virtual machine").
-const QEMU_SUBSYSTEM_VENDOR_ID: u16 = 0x1AF4;
-const QEMU_SUBSYSTEM_ID: u16 = 0x1100;
+pub(crate) const QEMU_SUBSYSTEM_VENDOR_ID: u16 = 0x1AF4;
+pub(crate) const QEMU_SUBSYSTEM_ID: u16 = 0x1100;
 
 /// i440FX register QEMU fills with the RAM size in 8 MiB units (for old
 /// coreboot).

@@ -15,6 +15,11 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 use crate::bus::BusDevice;
+use crate::devices::pci::{
+    CACHE_LINE_SIZE, CLASS_PROG, COMMAND, COMMAND_WMASK, DEVICE_ID, INTERRUPT_LINE,
+    QEMU_SUBSYSTEM_ID, QEMU_SUBSYSTEM_VENDOR_ID, REVISION_ID, STATUS, SUBSYSTEM_ID,
+    SUBSYSTEM_VENDOR_ID, VENDOR_ID,
+};
 use crate::irq::{IrqLine, IsaIrqRouter};
 
 /// Start of the 32-bit PCI memory hole (the end of low RAM on `pc`).
@@ -22,19 +27,10 @@ pub const PCI_MMIO_BASE: u64 = crate::memory::LOW_RAM_END;
 /// End of the hole: the IOAPIC page.
 pub const PCI_MMIO_END: u64 = 0xFEC0_0000;
 
-// Type-0 header registers (PCI Local Bus 3.0 §6.1).
-const VENDOR_ID: usize = 0x00;
-const DEVICE_ID: usize = 0x02;
-const COMMAND: usize = 0x04;
-const STATUS: usize = 0x06;
-const REVISION_ID: usize = 0x08;
-const CLASS_PROG: usize = 0x09;
-const CACHE_LINE_SIZE: usize = 0x0C;
+// Type-0 header registers (PCI Local Bus 3.0 §6.1) beyond those the
+// built-in bridges use (pci.rs).
 const BAR0: usize = 0x10;
-const SUBSYSTEM_VENDOR_ID: usize = 0x2C;
-const SUBSYSTEM_ID: usize = 0x2E;
 const CAPABILITIES_POINTER: usize = 0x34;
-const INTERRUPT_LINE: usize = 0x3C;
 const INTERRUPT_PIN: usize = 0x3D;
 /// First byte after the header: capabilities go here.
 const FIRST_CAPABILITY: usize = 0x40;
@@ -43,8 +39,6 @@ const FIRST_CAPABILITY: usize = 0x40;
 pub const COMMAND_MEMORY: u16 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u16 = 1 << 2;
 pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
-/// Command bits a guest may change (QEMU's `pci_init_wmask`).
-const COMMAND_WMASK: u16 = 0x0001 | 0x0002 | 0x0004 | 0x0040 | 0x0100 | 0x0400;
 /// Status: interrupt status (the function asserts INTx, §6.2.3).
 const STATUS_INTERRUPT: u16 = 1 << 3;
 /// Status: the capabilities pointer is valid.
@@ -88,8 +82,8 @@ impl PciConfigSpace {
         s.put16(DEVICE_ID, device);
         s.config[REVISION_ID] = revision;
         s.config[CLASS_PROG..CLASS_PROG + 3].copy_from_slice(&class.to_le_bytes()[..3]);
-        s.put16(SUBSYSTEM_VENDOR_ID, 0x1AF4);
-        s.put16(SUBSYSTEM_ID, 0x1100);
+        s.put16(SUBSYSTEM_VENDOR_ID, QEMU_SUBSYSTEM_VENDOR_ID);
+        s.put16(SUBSYSTEM_ID, QEMU_SUBSYSTEM_ID);
         s.wmask[COMMAND..COMMAND + 2].copy_from_slice(&COMMAND_WMASK.to_le_bytes());
         s.wmask[CACHE_LINE_SIZE] = 0xFF;
         s.wmask[INTERRUPT_LINE] = 0xFF;
